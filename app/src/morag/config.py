@@ -1,0 +1,98 @@
+"""The one settings object. Every value comes from the environment (prefix ``MORAG_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GPU_QUEUE = "gpu-tasks"
+CPU_QUEUE = "celery"
+DECLARED_QUEUES = (CPU_QUEUE, GPU_QUEUE)
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MORAG_", extra="ignore")
+
+    # Connections and secrets
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    worker_token: SecretStr | None = None
+    api_url: str = "http://127.0.0.1:8000"
+
+    # Files
+    shared_dir: Path = Path("/var/lib/morag/shared")
+    work_dir: Path = Path("/tmp/morag-work")  # noqa: S108 - scratch for HTTP downloads
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+
+    # Processing
+    device: Device = "auto"
+    whisper_model: str = "tiny.en"
+    whisper_compute_type: str = "auto"
+    whisper_cpu_threads: int = Field(default=0, ge=0)
+
+    # Fleet, routing, rescue
+    heartbeat_ttl: float = Field(default=15.0, gt=0.5)
+    rescue_grace: float = Field(default=60.0, ge=0)
+    gpu_backlog_limit: int = Field(default=100, ge=1)
+    fleet_cache_seconds: float = Field(default=1.0, ge=0)
+
+    # Delivery
+    job_time_limit: int = Field(default=2 * 3600, gt=0)
+    visibility_timeout: int = Field(default=3 * 3600, gt=0)
+    max_deliveries: int = Field(default=3, ge=1)
+    max_tasks_per_child: int = Field(default=50, ge=1)
+
+    # API
+    process_wait: float = Field(default=30.0, ge=0)
+    job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
+
+    # Worker identity (set by ``morag worker``)
+    worker_name: str = ""
+
+    # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.
+    fault_injection: bool = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _delivery_is_consistent(self) -> Settings:
+        # A visibility timeout under the longest job makes Redis hand a running job to a
+        # second worker (the first attempt's bug); refuse the combination outright.
+        if self.visibility_timeout <= self.job_time_limit:
+            raise ValueError(
+                f"MORAG_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed "
+                f"MORAG_JOB_TIME_LIMIT ({self.job_time_limit}s), or running jobs are "
+                "delivered twice"
+            )
+        return self
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.2, self.heartbeat_ttl / 3)
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.shared_dir / "uploads"
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
