@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     shared_dir: Path = Path("/var/lib/morag/shared")
     work_dir: Path = Path("/tmp/morag-work")  # noqa: S108 - scratch for HTTP downloads
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    url_timeout: float = Field(default=60.0, gt=0)
 
     # Processing
     device: Device = "auto"
@@ -64,7 +66,7 @@ class Settings(BaseSettings):
     # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.
     fault_injection: bool = False
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "url_allowlist", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -1,0 +1,52 @@
+"""The FastAPI app factory (``uvicorn --factory morag.api.app:create_app``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from morag import __version__
+from morag.api.routers import files, health, ingest, process, status, workers
+from morag.config import Settings, get_settings
+from morag.submission import build_services
+
+
+class ConfigurationError(RuntimeError):
+    pass
+
+
+def check_api_settings(settings: Settings) -> None:
+    if not settings.api_key_values():
+        raise ConfigurationError("MORAG_API_KEYS is empty: set at least one API key")
+    if settings.worker_token is None or not settings.worker_token.get_secret_value():
+        raise ConfigurationError("MORAG_WORKER_TOKEN is not set")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    check_api_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = build_services(settings)
+        yield
+        app.state.services.redis.close()
+
+    app = FastAPI(
+        title="MoRAG",
+        version=__version__,
+        description="Media and document processing on CPU and remote GPU workers.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"Redis unavailable: {type(exc).__name__}"}, 503)
+
+    for module in (health, process, ingest, status, workers, files):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,109 @@
+"""Request-scoped access to the services, authentication and shared request helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any
+
+from fastapi import Depends, Header, HTTPException, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from morag import files
+from morag.jobs import TERMINAL, Record, new_id
+from morag.processors.detect import detect_content_type
+from morag.processors.registry import known_types
+from morag.submission import BadInput, Services, requested_type
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def _matches(given: str, expected: list[str]) -> bool:
+    # Compare against every key so timing does not reveal which one nearly matched.
+    hits = [hmac.compare_digest(given.encode(), key.encode()) for key in expected]
+    return any(hits)
+
+
+def require_api_key(
+    request: Request, x_api_key: str | None = Header(default=None, alias="X-API-Key")
+) -> None:
+    if not x_api_key:
+        raise HTTPException(401, "missing API key: send it in the X-API-Key header")
+    if not _matches(x_api_key, services(request).settings.api_key_values()):
+        raise HTTPException(403, "invalid API key")
+
+
+def require_worker_token(
+    request: Request, x_worker_token: str | None = Header(default=None, alias="X-Worker-Token")
+) -> None:
+    token = services(request).settings.worker_token
+    if not x_worker_token:
+        raise HTTPException(401, "missing worker token: send it in the X-Worker-Token header")
+    if token is None or not _matches(x_worker_token, [token.get_secret_value()]):
+        raise HTTPException(403, "invalid worker token")
+
+
+def limit_body(request: Request) -> None:
+    """Refuse an oversized upload from its Content-Length, before reading it."""
+    limit = services(request).settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + 1024 * 1024:
+        raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
+
+
+ApiKey = Depends(require_api_key)
+
+
+def bad_input(exc: BadInput) -> HTTPException:
+    return HTTPException(exc.status, exc.detail)
+
+
+def accept_upload(svc: Services, upload: UploadFile, options: dict[str, Any]) -> dict[str, Any]:
+    """Store an upload in the shared dir under a new id; answer its job source and type."""
+    file_id = new_id()
+    try:
+        stored = files.store_upload(
+            upload.file, svc.settings.uploads_dir, file_id, svc.settings.max_upload_bytes
+        )
+    except files.UploadTooLarge as exc:
+        raise HTTPException(413, str(exc)) from exc
+    try:
+        if stored.size == 0:
+            raise BadInput(422, "the uploaded file is empty")
+        content_type = requested_type(options) or detect_content_type(
+            stored.head, upload.filename or ""
+        )
+        if content_type is None:
+            raise BadInput(
+                415,
+                f"unsupported content type: {upload.filename or 'the file'} is not a "
+                f"recognised format (supported: {', '.join(known_types())})",
+            )
+    except BadInput:
+        files.remove_upload(svc.settings.uploads_dir, file_id)
+        raise
+    return {
+        "content_type": content_type,
+        "source": {
+            "type": "file",
+            "file_id": stored.file_id,
+            "sha256": stored.sha256,
+            "size": stored.size,
+            "filename": (upload.filename or "")[-200:],
+        },
+    }
+
+
+async def wait_for_end(svc: Services, task_id: str, seconds: float) -> Record | None:
+    """Poll the job record until it ends or ``seconds`` pass (long-poll helper)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        record = await run_in_threadpool(svc.store.get, task_id)
+        if record is None or record["status"] in TERMINAL or time.monotonic() >= deadline:
+            return record
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.5)

@@ -1,0 +1,174 @@
+"""Running one delivered job: claim, fetch the input, process, record, fall back on GPU failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from morag import files, urls
+from morag.config import CPU_QUEUE, GPU_QUEUE
+from morag.jobs import TERMINAL, Record
+from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
+from morag.processors.registry import get_processor
+from morag.worker import Runtime, enqueue
+
+log = logging.getLogger("morag.execution")
+
+PROGRESS_EVERY = 0.5  # seconds between progress writes
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_dead(holder: str, my_worker: str) -> bool:
+    """A lease held by a dead child of this very worker can be taken over at once."""
+    name, _, pid = holder.rpartition("/")
+    return name == my_worker and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
+    owner = f"{worker}/{os.getpid()}"
+    device = rt.device.device
+    claim = rt.store.claim(
+        task_id,
+        owner=owner,
+        attempt={"queue": queue, "worker": worker, "device": device},
+        max_deliveries=rt.settings.max_deliveries,
+        owner_is_dead=lambda holder: owner_is_dead(holder, worker),
+    )
+    if not claim.run:
+        log.info("job %s not run here: %s", task_id, claim.reason)
+        if claim.record is not None:
+            _cleanup(rt, claim.record)
+        return
+    record = claim.record
+    assert record is not None
+    if record.get("force_cpu") and device != "cpu":
+        device = "cpu"
+        _set_attempt_device(rt, task_id, owner, device)
+    scratch = files.scratch_dir(rt.settings, task_id)
+    try:
+        result = _process(rt, record, queue=queue, device=device, owner=owner, scratch=scratch)
+    except SoftTimeLimitExceeded:
+        rt.store.finish(task_id, owner, error="the job exceeded MORAG_JOB_TIME_LIMIT")
+    except ProcessingError as exc:
+        rt.store.finish(task_id, owner, error=str(exc))
+    except files.FileUnavailable as exc:
+        rt.store.finish(task_id, owner, error=str(exc))
+    except urls.UrlRefused as exc:
+        rt.store.finish(task_id, owner, error=str(exc))
+    except Exception as exc:
+        if is_gpu_failure(exc) and not record.get("force_cpu"):
+            _fall_back_to_cpu(rt, record, owner, worker, exc)
+        else:
+            log.exception("job %s failed", task_id)
+            rt.store.finish(task_id, owner, error=f"internal error: {type(exc).__name__}: {exc}")
+    else:
+        rt.store.finish(task_id, owner, result=result)
+    finally:
+        files.drop_scratch(scratch)
+    final = rt.store.get(task_id)
+    if final is not None:
+        _cleanup(rt, final)
+
+
+def _set_attempt_device(rt: Runtime, task_id: str, owner: str, device: str) -> None:
+    def change(rec: Record, holder: str | None) -> Record | None:
+        if holder != owner:
+            return None
+        rec["attempts"][-1]["device"] = device
+        return rec
+
+    rt.store.update(task_id, change)
+
+
+def _fall_back_to_cpu(
+    rt: Runtime, record: Record, owner: str, worker: str, exc: BaseException
+) -> None:
+    task_id = record["task_id"]
+    reason = f"GPU failure on {worker}: {exc}; re-running on CPU"
+    route = {
+        "queue": CPU_QUEUE,
+        "gpu_requested": record["route"]["gpu_requested"],
+        "reason": reason,
+    }
+    log.warning("job %s: %s", task_id, reason)
+    if rt.store.requeue(task_id, route=route, error=str(exc), owner=owner, force_cpu=True):
+        enqueue(task_id, CPU_QUEUE)
+
+
+def _fault(rt: Runtime, options: dict[str, Any], queue: str, device: str, progress: Any) -> None:
+    """Test-only failures, honoured only when MORAG_FAULT_INJECTION is on for this worker."""
+    fault = str(options.get("fault", ""))
+    if not fault or not rt.settings.fault_injection:
+        return
+    if fault == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "cuda_oom" and (queue == GPU_QUEUE or device == "cuda"):
+        # The exact error CTranslate2 raises when VRAM runs out.
+        raise RuntimeError("CUDA failed with error out of memory")
+    if fault.startswith("slow:"):
+        seconds = float(fault.split(":", 1)[1])
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            progress(0.5 * (1 - left / seconds))
+            time.sleep(min(0.1, left))
+
+
+def _process(
+    rt: Runtime, record: Record, *, queue: str, device: str, owner: str, scratch: Path
+) -> dict[str, Any]:
+    task_id = record["task_id"]
+    last = {"at": 0.0}
+
+    def progress(fraction: float) -> None:
+        now = time.monotonic()
+        if now - last["at"] >= PROGRESS_EVERY:
+            last["at"] = now
+            rt.store.set_progress(task_id, owner, fraction)
+
+    source = record["source"]
+    content_type = record["content_type"]
+    _fault(rt, record.get("options") or {}, queue, device, progress)
+    if source["type"] == "file":
+        path, transfer = files.fetch_for_worker(rt.settings, source, scratch)
+    else:
+        path = scratch / "download"
+        urls.download(
+            source["url"],
+            path,
+            allowlist=rt.settings.url_allowlist,
+            max_bytes=rt.settings.max_upload_bytes,
+            timeout=rt.settings.url_timeout,
+        )
+        transfer = "url"
+    try:
+        processor = get_processor(content_type)
+    except KeyError as exc:
+        raise ProcessingError(str(exc)) from exc
+    ctx = ProcessContext(rt.settings, device, scratch, progress)
+    result = processor.process(path, record.get("options") or {}, ctx)
+    result.setdefault("metadata", {})
+    result["metadata"].setdefault("device", device)
+    result["metadata"]["file_transfer"] = transfer
+    result["metadata"]["content_type"] = content_type
+    return result
+
+
+def _cleanup(rt: Runtime, record: Record) -> None:
+    """Once a job has ended, its upload is no longer needed in the shared directory."""
+    if record["status"] in TERMINAL and record["source"]["type"] == "file":
+        files.remove_upload(rt.settings.uploads_dir, record["source"]["file_id"])

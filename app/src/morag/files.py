@@ -1,0 +1,127 @@
+"""Uploads in the shared directory, and how a worker gets them.
+
+A file is known by a server-chosen id (32 hex digits) and its SHA-256; a client-supplied
+name is only ever displayed. Workers read ``<shared>/uploads/<id>`` when they see the
+share, and otherwise download it from the API with the worker token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+from morag.config import Settings
+
+FILE_ID = re.compile(r"^[0-9a-f]{32}$")
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class FileUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    file_id: str
+    sha256: str
+    size: int
+    head: bytes
+
+
+def upload_path(uploads_dir: Path, file_id: str) -> Path:
+    """The only way from a file id to a path: the id must be exactly 32 hex digits."""
+    if not FILE_ID.fullmatch(file_id):
+        raise FileUnavailable(f"invalid file id {file_id!r}")
+    return uploads_dir / file_id
+
+
+def store_upload(src: BinaryIO, uploads_dir: Path, file_id: str, max_bytes: int) -> StoredFile:
+    """Stream ``src`` into the shared dir, hashing as it goes; refuse past ``max_bytes``."""
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    final = upload_path(uploads_dir, file_id)
+    partial = final.with_suffix(".part")
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    try:
+        with open(partial, "wb") as out:
+            while chunk := src.read(CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UploadTooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+                if len(head) < 64:
+                    head = (head + chunk)[:64]
+                digest.update(chunk)
+                out.write(chunk)
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return StoredFile(file_id, digest.hexdigest(), size, head)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_upload(uploads_dir: Path, file_id: str) -> None:
+    with contextlib.suppress(FileUnavailable, OSError):
+        upload_path(uploads_dir, file_id).unlink(missing_ok=True)
+
+
+def fetch_for_worker(
+    settings: Settings, source: dict[str, Any], dest_dir: Path
+) -> tuple[Path, str]:
+    """Return a local path for the job's upload and how it got here (``shared`` or ``http``)."""
+    file_id, sha = source["file_id"], source["sha256"]
+    shared = upload_path(settings.uploads_dir, file_id)
+    if shared.is_file() and sha256_of(shared) == sha:
+        return shared, "shared"
+    if settings.worker_token is None:
+        raise FileUnavailable(
+            "the upload is not in the shared directory and MORAG_WORKER_TOKEN is not set"
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / file_id
+    digest = hashlib.sha256()
+    url = f"{settings.api_url.rstrip('/')}/api/v1/files/{file_id}"
+    headers = {"X-Worker-Token": settings.worker_token.get_secret_value()}
+    try:
+        with httpx.stream("GET", url, headers=headers, timeout=60.0) as resp:
+            if resp.status_code != 200:
+                raise FileUnavailable(f"download of the upload failed: HTTP {resp.status_code}")
+            with open(dest, "wb") as out:
+                for chunk in resp.iter_bytes(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+    except httpx.HTTPError as exc:
+        raise FileUnavailable(f"download of the upload failed: {exc}") from exc
+    if digest.hexdigest() != sha:
+        dest.unlink(missing_ok=True)
+        raise FileUnavailable("the downloaded upload does not match its checksum")
+    return dest, "http"
+
+
+def scratch_dir(settings: Settings, task_id: str) -> Path:
+    path = settings.work_dir / task_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def drop_scratch(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,338 @@
+"""The job record: the client-facing id, state, route, attempts and result, kept in Redis.
+
+Every state change is an optimistic transaction (WATCH/MULTI) so the API (cancel), the
+worker running the job and the orphan watchdog can never overwrite each other: a job
+completes once, and only the attempt that holds the job's lease may complete it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+ACTIVE_SET = "morag:jobs:active"
+
+Record = dict[str, Any]
+LeaseAction = str | None | bool | Callable[[Record], str | bool | None]
+
+
+def job_key(task_id: str) -> str:
+    return f"morag:job:{task_id}"
+
+
+def lease_key(task_id: str) -> str:
+    return f"morag:lease:{task_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"morag:batch:{batch_id}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_record(
+    *,
+    kind: str,
+    content_type: str,
+    source: dict[str, Any],
+    options: dict[str, Any],
+    route: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+    webhook_url: str | None = None,
+    batch_id: str | None = None,
+    task_id: str | None = None,
+) -> Record:
+    stamp = now_iso()
+    return {
+        "task_id": task_id or new_id(),
+        "kind": kind,
+        "status": QUEUED,
+        "content_type": content_type,
+        "source": source,
+        "options": options,
+        "metadata": metadata or {},
+        "webhook_url": webhook_url,
+        "batch_id": batch_id,
+        "route": route,
+        "progress": 0.0,
+        "attempts": [],
+        "deliveries": 0,
+        "force_cpu": False,
+        "result": None,
+        "error": None,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+
+
+def public_view(record: Record) -> Record:
+    """What clients see (internal bookkeeping stays out)."""
+    keys = (
+        "task_id",
+        "status",
+        "content_type",
+        "route",
+        "progress",
+        "attempts",
+        "result",
+        "error",
+        "created_at",
+        "updated_at",
+        "batch_id",
+        "metadata",
+    )
+    return {k: record.get(k) for k in keys}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Outcome of a worker trying to start a delivered job."""
+
+    run: bool
+    reason: str
+    record: Record | None = None
+
+
+class JobStore:
+    """Synchronous job store; the API calls it from its thread pool, workers directly."""
+
+    def __init__(self, client: redis.Redis, *, ttl: int, lease_ttl: float) -> None:
+        self.r = client
+        self.ttl = ttl
+        self.lease_ttl_ms = int(lease_ttl * 1000)
+
+    # -- plain reads and writes ------------------------------------------------------
+    def create(self, record: Record) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(job_key(record["task_id"]), json.dumps(record), ex=self.ttl)
+        pipe.sadd(ACTIVE_SET, record["task_id"])
+        pipe.execute()
+
+    def get(self, task_id: str) -> Record | None:
+        raw = self.r.get(job_key(task_id))
+        return json.loads(raw) if raw else None
+
+    def get_many(self, task_ids: list[str]) -> list[Record]:
+        if not task_ids:
+            return []
+        raws = self.r.mget([job_key(t) for t in task_ids])
+        return [json.loads(raw) for raw in raws if raw]
+
+    def active_ids(self) -> list[str]:
+        return sorted(
+            m.decode() if isinstance(m, bytes) else m for m in self.r.smembers(ACTIVE_SET)
+        )
+
+    def save_batch(self, batch_id: str, task_ids: list[str]) -> None:
+        self.r.set(batch_key(batch_id), json.dumps(task_ids), ex=self.ttl)
+
+    def get_batch(self, batch_id: str) -> list[str] | None:
+        raw = self.r.get(batch_key(batch_id))
+        return json.loads(raw) if raw else None
+
+    def lease_owner(self, task_id: str) -> str | None:
+        raw = self.r.get(lease_key(task_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def refresh_leases(self, owners: dict[str, str]) -> None:
+        """Extend the leases this worker holds (only those it still owns)."""
+        for task_id, owner in owners.items():
+            if self.lease_owner(task_id) == owner:
+                self.r.pexpire(lease_key(task_id), self.lease_ttl_ms)
+
+    # -- transactional update ----------------------------------------------------------
+    def update(
+        self,
+        task_id: str,
+        change: Callable[[Record, str | None], Record | None],
+        *,
+        lease: LeaseAction = False,
+    ) -> Record | None:
+        """Apply ``change(record, lease_owner)`` atomically.
+
+        ``change`` returns the new record, or None to leave everything as it is.
+        ``lease``: False keeps the lease, None deletes it, a string sets it (this owner); a
+        callable gets the new record and answers one of those.
+        Returns the stored record after the change (or the unchanged one).
+        """
+        key, lkey = job_key(task_id), lease_key(task_id)
+        outcome: dict[str, Record | None] = {"record": None}
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(key)
+            owner = pipe.get(lkey)
+            if isinstance(owner, bytes):
+                owner = owner.decode()
+            if not raw:
+                outcome["record"] = None
+                pipe.multi()
+                return
+            record = json.loads(raw)
+            new = change(record, owner)
+            outcome["record"] = new if new is not None else record
+            pipe.multi()
+            if new is None:
+                return
+            new["updated_at"] = now_iso()
+            pipe.set(key, json.dumps(new), ex=self.ttl)
+            if new["status"] in TERMINAL:
+                pipe.srem(ACTIVE_SET, task_id)
+            else:
+                pipe.sadd(ACTIVE_SET, task_id)
+            action = lease(new) if callable(lease) else lease
+            if action is None:
+                pipe.delete(lkey)
+            elif isinstance(action, str):
+                pipe.set(lkey, action, px=self.lease_ttl_ms)
+
+        self.r.transaction(txn, key, lkey)
+        return outcome["record"]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def claim(
+        self,
+        task_id: str,
+        *,
+        owner: str,
+        attempt: dict[str, Any],
+        max_deliveries: int,
+        owner_is_dead: Callable[[str], bool],
+    ) -> Claim:
+        """A worker received the job's message: decide whether it runs it.
+
+        Skips jobs that ended already (a late duplicate delivery) or that another live
+        attempt holds; counts deliveries and fails the job once the cap is passed.
+        """
+        verdict: dict[str, Claim] = {}
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] in TERMINAL:
+                verdict["c"] = Claim(False, f"job already {record['status']}")
+                return None
+            if holder and holder != owner and not owner_is_dead(holder):
+                verdict["c"] = Claim(False, f"job is running under {holder}")
+                return None
+            record["deliveries"] = int(record.get("deliveries", 0)) + 1
+            _close_open_attempt(record, "worker lost during the job")
+            if record["deliveries"] > max_deliveries:
+                record["status"] = FAILED
+                record["error"] = (
+                    f"gave up after {max_deliveries} deliveries: the worker was lost each "
+                    "time (the job may crash its worker)"
+                )
+                verdict["c"] = Claim(False, "delivery cap reached", record)
+                return record
+            record["status"] = RUNNING
+            record["progress"] = 0.0
+            record["attempts"].append(
+                {**attempt, "started_at": now_iso(), "finished_at": None, "error": None}
+            )
+            verdict["c"] = Claim(True, "claimed", record)
+            return record
+
+        # The lease is written only when the claim runs; a skip leaves it untouched.
+        result = self.update(
+            task_id, change, lease=lambda rec: owner if rec["status"] == RUNNING else None
+        )
+        if result is None:
+            return Claim(False, "unknown job")
+        return verdict["c"]
+
+    def set_progress(self, task_id: str, owner: str, progress: float) -> None:
+        def change(record: Record, holder: str | None) -> Record | None:
+            if holder != owner or record["status"] != RUNNING:
+                return None
+            record["progress"] = round(min(max(progress, 0.0), 1.0), 3)
+            return record
+
+        self.update(task_id, change)
+
+    def finish(
+        self, task_id: str, owner: str, *, result: Record | None = None, error: str | None = None
+    ) -> bool:
+        """Record the outcome of the attempt ``owner``; False when it no longer owns the job."""
+        done = {"ok": False}
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if holder != owner or record["status"] != RUNNING:
+                return None
+            _close_open_attempt(record, error)
+            record["status"] = FAILED if error else SUCCEEDED
+            record["result"] = result
+            record["error"] = error
+            if not error:
+                record["progress"] = 1.0
+            done["ok"] = True
+            return record
+
+        self.update(task_id, change, lease=None)
+        return done["ok"]
+
+    def requeue(
+        self,
+        task_id: str,
+        *,
+        route: dict[str, Any],
+        error: str,
+        owner: str | None,
+        force_cpu: bool = False,
+    ) -> Record | None:
+        """Put a running job back to ``queued`` on another route (runtime fallback, orphan).
+
+        ``owner`` None means "only if nobody holds the lease" (the watchdog's case).
+        """
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != RUNNING or holder != owner:
+                return None
+            _close_open_attempt(record, error)
+            record["status"] = QUEUED
+            record["route"] = route
+            record["force_cpu"] = record.get("force_cpu", False) or force_cpu
+            if force_cpu:
+                # A GPU failure is not a lost worker: it does not count against the cap.
+                record["deliveries"] = max(0, int(record.get("deliveries", 0)) - 1)
+            return record
+
+        record = self.update(task_id, change, lease=None)
+        if record is None or record["status"] != QUEUED:
+            return None
+        return record
+
+    def cancel(self, task_id: str) -> Record | None:
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] in TERMINAL:
+                return None
+            _close_open_attempt(record, "cancelled")
+            record["status"] = CANCELLED
+            record["error"] = "cancelled by the client"
+            return record
+
+        return self.update(task_id, change, lease=None)
+
+
+def _close_open_attempt(record: Record, error: str | None) -> None:
+    if record["attempts"] and record["attempts"][-1].get("finished_at") is None:
+        record["attempts"][-1]["finished_at"] = now_iso()
+        record["attempts"][-1]["error"] = error

@@ -1,0 +1,1 @@
+"""Content processors, one per content type, looked up through ``registry``."""

@@ -1,0 +1,138 @@
+"""Creating jobs: validate what the client sent, decide the route, record, enqueue."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from prometheus_client import CollectorRegistry, Counter
+
+from morag.config import Settings
+from morag.fleet import CachedFleet
+from morag.jobs import JobStore, Record, new_record
+from morag.processors.detect import AUDIO_EXTENSIONS
+from morag.processors.registry import known_types
+from morag.routing import decide_route
+from morag.worker import enqueue
+
+
+class BadInput(ValueError):
+    """Client input that cannot become a job; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    fleet: CachedFleet
+    metrics: CollectorRegistry
+    submitted: Counter
+
+
+def build_services(settings: Settings) -> Services:
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=5, health_check_interval=30
+    )
+    registry = CollectorRegistry()
+    submitted = Counter(
+        "morag_jobs_submitted",
+        "Jobs submitted, by queue and whether a GPU was requested",
+        ["queue", "gpu_requested"],
+        registry=registry,
+    )
+    return Services(
+        settings=settings,
+        redis=client,
+        store=JobStore(client, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl),
+        fleet=CachedFleet(client, settings.fleet_cache_seconds),
+        metrics=registry,
+        submitted=submitted,
+    )
+
+
+def parse_json_object(raw: str | None, field: str) -> dict[str, Any]:
+    if raw is None or raw.strip() == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadInput(422, f"{field} is not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise BadInput(422, f"{field} must be a JSON object")
+    return value
+
+
+def requested_type(options: dict[str, Any]) -> str | None:
+    wanted = options.get("content_type")
+    if wanted is None:
+        return None
+    if wanted not in known_types():
+        raise BadInput(
+            415, f"unsupported content_type {wanted!r}; supported: {', '.join(known_types())}"
+        )
+    return str(wanted)
+
+
+def url_content_type(url: str, options: dict[str, Any]) -> str:
+    """Guess a URL's content type from its host and path (``options.content_type`` wins)."""
+    explicit = requested_type(options)
+    if explicit:
+        return explicit
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if host in {"youtube.com", "www.youtube.com", "m.youtube.com", "youtu.be"}:
+        guess = "youtube"
+    elif any(parts.path.lower().endswith(ext) for ext in AUDIO_EXTENSIONS):
+        guess = "audio"
+    else:
+        guess = "web"
+    if guess not in known_types():
+        raise BadInput(
+            415, f"no processor for {guess} URLs yet; supported: {', '.join(known_types())}"
+        )
+    return guess
+
+
+def submit(
+    services: Services,
+    *,
+    kind: str,
+    content_type: str,
+    source: dict[str, Any],
+    options: dict[str, Any],
+    gpu: bool,
+    metadata: dict[str, Any] | None = None,
+    webhook_url: str | None = None,
+    batch_id: str | None = None,
+    task_id: str | None = None,
+) -> Record:
+    route = decide_route(
+        gpu_requested=gpu,
+        content_type=content_type,
+        fleet=services.fleet.get().snapshot,
+        gpu_backlog_limit=services.settings.gpu_backlog_limit,
+    )
+    record = new_record(
+        kind=kind,
+        content_type=content_type,
+        source=source,
+        options=options,
+        route=route.as_dict(),
+        metadata=metadata,
+        webhook_url=webhook_url,
+        batch_id=batch_id,
+        task_id=task_id,
+    )
+    services.store.create(record)
+    enqueue(record["task_id"], route.queue)
+    services.submitted.labels(route.queue, str(gpu).lower()).inc()
+    return record

@@ -1,0 +1,137 @@
+"""The Celery app (``celery -A morag.worker:celery_app``), its queues, settings and the one task.
+
+Nothing connects at import time: the configuration is read from the settings object when
+Celery first needs it, and each worker process opens its own Redis client lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from morag.config import CPU_QUEUE, DECLARED_QUEUES, Settings, get_settings
+from morag.devices import DeviceInfo, detect_device
+from morag.jobs import JobStore
+
+log = logging.getLogger("morag.worker")
+
+celery_app = Celery("morag", set_as_current=False)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    url = settings.redis_url.get_secret_value()
+    transport = {
+        # Above the longest job, or Redis hands a running job to a second worker.
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+    return {
+        "broker_url": url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,  # results live in the job record, not a result backend
+        "result_backend": None,
+        "task_queues": tuple(
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in DECLARED_QUEUES
+        ),
+        "task_default_queue": CPU_QUEUE,
+        "task_create_missing_queues": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.job_time_limit,
+        "task_soft_time_limit": max(1, settings.job_time_limit - 30),
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_max_tasks_per_child": settings.max_tasks_per_child,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+    }
+
+
+@celery_app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+# -- per-process runtime --------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    device: DeviceInfo
+    pid: int
+
+
+_runtime: Runtime | None = None
+_device: DeviceInfo | None = None  # decided in the parent, inherited by forked children
+
+
+def decide_device(settings: Settings) -> DeviceInfo:
+    global _device
+    if _device is None:
+        _device = detect_device(settings.device)
+    return _device
+
+
+def get_runtime() -> Runtime:
+    """This process's Redis client and job store; rebuilt after a fork."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        settings = get_settings()
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        store = JobStore(client, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl)
+        _runtime = Runtime(settings, client, store, decide_device(settings), os.getpid())
+    return _runtime
+
+
+# -- the task -------------------------------------------------------------------------------
+
+
+@celery_app.task(name="morag.process_job", bind=True, acks_late=True, reject_on_worker_lost=True)
+def process_job(self: Any, task_id: str) -> None:
+    from morag.execution import run_job
+
+    delivery = self.request.delivery_info or {}
+    queue = delivery.get("routing_key") or CPU_QUEUE
+    run_job(get_runtime(), task_id, queue=queue, worker=self.request.hostname or "unknown")
+
+
+def enqueue(task_id: str, queue: str) -> None:
+    """Send the job's message; the Celery task id is the job id, so revoke(job id) cancels."""
+    process_job.apply_async((task_id,), queue=queue, task_id=task_id)
+
+
+# -- worker lifecycle -----------------------------------------------------------------------
+
+
+@signals.worker_init.connect
+def _on_worker_init(**_: Any) -> None:
+    # Decide the device in the parent with nvidia-smi (never CUDA itself) before the fork.
+    info = decide_device(get_settings())
+    log.info("device %s (%s)", info.device, info.reason)
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any, **_: Any) -> None:
+    from morag.supervisor import start_supervisor
+
+    start_supervisor(sender)
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(**_: Any) -> None:
+    from morag.supervisor import drain_supervisor
+
+    drain_supervisor()
