@@ -1,0 +1,91 @@
+"""Shared fixtures: a real Redis server on a free loopback port, and real speech files."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+REDIS_PASSWORD = "test-redis-password"  # noqa: S105 - a throwaway test server on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._dbs = itertools.count(1)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
+
+    def fresh_db(self) -> int:
+        db = next(self._dbs)
+        redis.Redis.from_url(self.url(db)).flushdb()
+        return db
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: run `make test` (it installs it)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--requirepass", REDIS_PASSWORD, "--databases", "256", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    server = RedisServer(port)
+    client = redis.Redis.from_url(server.url())
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield server
+    proc.terminate()
+    proc.wait(10)
+
+
+def speak(text: str, path: Path) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is not installed: run `make test` (it installs it)")
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+    return path
+
+
+SENTENCE = "Please send the report to the office before Friday."
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def speech_wav(media_dir: Path) -> Path:
+    return speak(SENTENCE, media_dir / "speech.wav")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_env() -> None:
+    # Tests never reach a hub; the bundled model is used.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,52 @@
+"""Integration fixtures: isolated stacks of real processes on a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RedisServer, free_port
+from tests.integration.stack import Stack
+
+
+def _dump_logs(stack: Stack) -> None:
+    for log in sorted(stack.logs.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-40:]
+        print(f"----- {log.name} (last {len(lines)} lines) -----")
+        print("\n".join(lines))
+
+
+def _new_stack(redis_server: RedisServer, root: Path, **settings: Any) -> Stack:
+    return Stack(redis_server.url(redis_server.fresh_db()), root, free_port(), **settings)
+
+
+@pytest.fixture
+def make_stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def make(**settings: Any) -> Stack:
+        stack = _new_stack(redis_server, tmp_path / f"stack{len(stacks)}", **settings)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        _dump_logs(stack)
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + one GPU-queue worker (gpu0) + one CPU worker (cpu0), shared by a module."""
+    s = _new_stack(redis_server, tmp_path_factory.mktemp("stack"), max_upload_bytes=2_000_000)
+    s.start_api()
+    s.start_worker("gpu0@test", "gpu-tasks", wait=False)
+    s.start_worker("cpu0@test", "celery", wait=False)
+    s.wait_live("gpu0@test")
+    s.wait_live("cpu0@test")
+    yield s
+    _dump_logs(s)
+    s.close()

@@ -1,0 +1,166 @@
+"""A real MoRAG stack for tests: uvicorn API and Celery workers in their own processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+API_KEY = "test-api-key"
+WORKER_TOKEN = "test-worker-token"  # noqa: S105 - test value
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Stack:
+    """One isolated deployment: its own Redis database, shared dir and processes."""
+
+    TTL = 1.5
+    GRACE = 2.0
+
+    def __init__(self, redis_url: str, root: Path, api_port: int, **settings: Any) -> None:
+        self.root = root
+        self.shared = root / "shared"
+        self.shared.mkdir(parents=True, exist_ok=True)
+        self.logs = root / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.api_port = api_port
+        self.api_url = f"http://127.0.0.1:{api_port}"
+        self.redis = redis.Redis.from_url(redis_url)
+        self.env = {
+            **os.environ,
+            "MORAG_REDIS_URL": redis_url,
+            "MORAG_API_KEYS": f"{API_KEY},second-key",
+            "MORAG_WORKER_TOKEN": WORKER_TOKEN,
+            "MORAG_API_URL": self.api_url,
+            "MORAG_SHARED_DIR": str(self.shared),
+            "MORAG_WORK_DIR": str(root / "work"),
+            "MORAG_DEVICE": "cpu",
+            "MORAG_HEARTBEAT_TTL": str(self.TTL),
+            "MORAG_RESCUE_GRACE": str(self.GRACE),
+            "MORAG_FLEET_CACHE_SECONDS": "0.2",
+            "MORAG_PROCESS_WAIT": "30",
+            "MORAG_FAULT_INJECTION": "true",
+            "MORAG_URL_ALLOWLIST": "127.0.0.1",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        for key, value in settings.items():
+            self.env[f"MORAG_{key.upper()}"] = str(value)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- processes ----------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name.replace('@', '_')}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "morag.cli", *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_api(self) -> None:
+        self._spawn("api", ["api", "--port", str(self.api_port)], self.env)
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 30, "the API to answer /health")
+
+    def start_worker(self, name: str, *queues: str, wait: bool = True, **settings: Any) -> None:
+        env = dict(self.env)
+        for key, value in settings.items():
+            env[f"MORAG_{key.upper()}"] = str(value)
+        args = ["worker", "--name", name, "--loglevel", "INFO"]
+        for q in queues:
+            args += ["--queue", q]
+        self._spawn(name, args, env)
+        if wait:
+            self.wait_live(name)
+
+    def heartbeat(self, name: str) -> dict[str, Any] | None:
+        raw = self.redis.get(f"morag:worker:{name}")
+        return json.loads(raw) if raw else None
+
+    def wait_live(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_until(lambda: self.heartbeat(name), timeout, f"worker {name} heartbeat")
+
+    def wait_gone(self, name: str, timeout: float = 10) -> None:
+        wait_until(lambda: self.heartbeat(name) is None, timeout, f"worker {name} to vanish")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the worker and its pool children, like a host that dies."""
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self, name: str, timeout: float = 60) -> None:
+        """SIGTERM: Celery's warm shutdown (the running job finishes)."""
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+        self.redis.flushdb()
+
+    # -- HTTP -----------------------------------------------------------------------------
+    def client(self, key: str | None = API_KEY) -> httpx.Client:
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.Client(base_url=self.api_url, headers=headers, timeout=60)
+
+    def ingest(self, path: Path, *, gpu: bool, options: dict[str, Any] | None = None) -> dict:
+        with self.client() as c, open(path, "rb") as f:
+            data = {"gpu": str(gpu).lower()}
+            if options is not None:
+                data["options"] = json.dumps(options)
+            resp = c.post("/api/v1/ingest/file", files={"file": (path.name, f)}, data=data)
+        assert resp.status_code == 202, resp.text
+        return resp.json()
+
+    def job(self, task_id: str) -> dict[str, Any]:
+        with self.client() as c:
+            resp = c.get(f"/api/v1/status/{task_id}")
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def wait_job(self, task_id: str, timeout: float = 60, states: tuple[str, ...] = (
+            "succeeded", "failed", "cancelled")) -> dict[str, Any]:
+        return wait_until(
+            lambda: (j := self.job(task_id))["status"] in states and j, timeout,
+            f"job {task_id} to reach {states}", interval=0.2,
+        )
