@@ -1,0 +1,89 @@
+"""The pure routing and rescue decisions."""
+
+from __future__ import annotations
+
+import pytest
+from morag.routing import FleetSnapshot, WorkerView, decide_rescue, decide_route
+
+GPU = WorkerView("gpu0@a", ("gpu-tasks",), ("audio",), device="cuda")
+CPU = WorkerView("cpu0@s", ("celery",), ("audio", "document"))
+RESCUER = WorkerView(
+    "cpu1@s", ("celery",), ("audio",)
+)  # rescuing: configured queues only
+
+
+def route(
+    gpu: bool, fleet: FleetSnapshot, content_type: str = "audio", limit: int = 10
+):
+    return decide_route(
+        gpu_requested=gpu,
+        content_type=content_type,
+        fleet=fleet,
+        gpu_backlog_limit=limit,
+    )
+
+
+def test_cpu_requested_always_goes_to_celery() -> None:
+    r = route(False, FleetSnapshot((GPU, CPU)))
+    assert (r.queue, r.gpu_requested, r.reason) == (
+        "celery",
+        False,
+        "gpu not requested",
+    )
+
+
+def test_gpu_requested_with_a_live_capable_worker() -> None:
+    r = route(True, FleetSnapshot((GPU, CPU)))
+    assert r.queue == "gpu-tasks" and r.gpu_requested and "gpu0@a" in r.reason
+
+
+def test_gpu_requested_without_gpu_workers_falls_back() -> None:
+    r = route(True, FleetSnapshot((CPU, RESCUER)))
+    assert r.queue == "celery" and r.gpu_requested and "no live GPU worker" in r.reason
+
+
+def test_gpu_worker_that_cannot_process_the_type() -> None:
+    r = route(True, FleetSnapshot((GPU, CPU)), content_type="document")
+    assert r.queue == "celery" and "can process document" in r.reason
+
+
+@pytest.mark.parametrize(
+    "backlog,queue", [(9, "gpu-tasks"), (10, "celery"), (50, "celery")]
+)
+def test_gpu_backlog_bound(backlog: int, queue: str) -> None:
+    r = route(True, FleetSnapshot((GPU,), {"gpu-tasks": backlog}), limit=10)
+    assert r.queue == queue
+    if queue == "celery":
+        assert "backlog" in r.reason
+
+
+def test_route_as_dict_is_the_http_contract() -> None:
+    assert route(False, FleetSnapshot()).as_dict() == {
+        "queue": "celery",
+        "gpu_requested": False,
+        "reason": "gpu not requested",
+    }
+
+
+@pytest.mark.parametrize(
+    "rescuing,workers,absent_since,now,expected",
+    [
+        (False, (GPU, CPU), None, 100.0, "none"),
+        (True, (GPU, CPU), None, 100.0, "stop"),
+        (False, (CPU,), 95.0, 100.0, "none"),  # within the grace period
+        (False, (CPU,), 90.0, 100.0, "start"),  # grace (10 s) elapsed
+        (True, (CPU,), 10.0, 100.0, "none"),  # already rescuing
+        (False, (CPU,), None, 100.0, "none"),  # absence not yet observed
+    ],
+)
+def test_rescue(rescuing, workers, absent_since, now, expected) -> None:
+    assert (
+        decide_rescue(
+            rescuing=rescuing,
+            fleet=FleetSnapshot(workers),
+            gpu_absent_since=absent_since,
+            now=now,
+            grace=10.0,
+        )
+        == expected
+    )
