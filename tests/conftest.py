@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-REDIS_PASSWORD = "test-redis-password"  # noqa: S105 - a throwaway test server on loopback
+REDIS_PASSWORD = "test-redis-password"
 
 
 def free_port() -> int:
@@ -45,8 +45,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--requirepass", REDIS_PASSWORD, "--databases", "256", "--dir", str(workdir)],
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            REDIS_PASSWORD,
+            "--databases",
+            "256",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
     )
     server = RedisServer(port)

@@ -15,7 +15,7 @@ import httpx
 import redis
 
 API_KEY = "test-api-key"
-WORKER_TOKEN = "test-worker-token"  # noqa: S105 - test value
+WORKER_TOKEN = "test-worker-token"
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -35,7 +35,9 @@ class Stack:
     TTL = 1.5
     GRACE = 2.0
 
-    def __init__(self, redis_url: str, root: Path, api_port: int, **settings: Any) -> None:
+    def __init__(
+        self, redis_url: str, root: Path, api_port: int, **settings: Any
+    ) -> None:
         self.root = root
         self.shared = root / "shared"
         self.shared.mkdir(parents=True, exist_ok=True)
@@ -67,11 +69,16 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- processes ----------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name.replace('@', '_')}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "morag.cli", *args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs[name] = proc
         return proc
@@ -87,7 +94,9 @@ class Stack:
 
         wait_until(healthy, 30, "the API to answer /health")
 
-    def start_worker(self, name: str, *queues: str, wait: bool = True, **settings: Any) -> None:
+    def start_worker(
+        self, name: str, *queues: str, wait: bool = True, **settings: Any
+    ) -> None:
         env = dict(self.env)
         for key, value in settings.items():
             env[f"MORAG_{key.upper()}"] = str(value)
@@ -103,10 +112,14 @@ class Stack:
         return json.loads(raw) if raw else None
 
     def wait_live(self, name: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_until(lambda: self.heartbeat(name), timeout, f"worker {name} heartbeat")
+        return wait_until(
+            lambda: self.heartbeat(name), timeout, f"worker {name} heartbeat"
+        )
 
     def wait_gone(self, name: str, timeout: float = 10) -> None:
-        wait_until(lambda: self.heartbeat(name) is None, timeout, f"worker {name} to vanish")
+        wait_until(
+            lambda: self.heartbeat(name) is None, timeout, f"worker {name} to vanish"
+        )
 
     def kill(self, name: str) -> None:
         """SIGKILL the worker and its pool children, like a host that dies."""
@@ -143,12 +156,16 @@ class Stack:
         headers = {"X-API-Key": key} if key else {}
         return httpx.Client(base_url=self.api_url, headers=headers, timeout=60)
 
-    def ingest(self, path: Path, *, gpu: bool, options: dict[str, Any] | None = None) -> dict:
+    def ingest(
+        self, path: Path, *, gpu: bool, options: dict[str, Any] | None = None
+    ) -> dict:
         with self.client() as c, open(path, "rb") as f:
             data = {"gpu": str(gpu).lower()}
             if options is not None:
                 data["options"] = json.dumps(options)
-            resp = c.post("/api/v1/ingest/file", files={"file": (path.name, f)}, data=data)
+            resp = c.post(
+                "/api/v1/ingest/file", files={"file": (path.name, f)}, data=data
+            )
         assert resp.status_code == 202, resp.text
         return resp.json()
 
@@ -158,9 +175,15 @@ class Stack:
         assert resp.status_code == 200, resp.text
         return resp.json()
 
-    def wait_job(self, task_id: str, timeout: float = 60, states: tuple[str, ...] = (
-            "succeeded", "failed", "cancelled")) -> dict[str, Any]:
+    def wait_job(
+        self,
+        task_id: str,
+        timeout: float = 60,
+        states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    ) -> dict[str, Any]:
         return wait_until(
-            lambda: (j := self.job(task_id))["status"] in states and j, timeout,
-            f"job {task_id} to reach {states}", interval=0.2,
+            lambda: (j := self.job(task_id))["status"] in states and j,
+            timeout,
+            f"job {task_id} to reach {states}",
+            interval=0.2,
         )

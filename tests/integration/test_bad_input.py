@@ -21,13 +21,19 @@ def test_empty_file_is_422(stack: Stack) -> None:
 
 
 def test_non_audio_file_is_415(stack: Stack) -> None:
-    resp = _post_file(stack, "notes.wav", b"just some text pretending to be audio\n" * 10)
+    resp = _post_file(
+        stack, "notes.wav", b"just some text pretending to be audio\n" * 10
+    )
     assert resp.status_code == 415
     assert "not a recognised format" in resp.json()["detail"]
-    assert not any((stack.shared / "uploads").iterdir()), "a refused upload must not stay"
+    assert not any((stack.shared / "uploads").iterdir()), (
+        "a refused upload must not stay"
+    )
 
 
-def test_corrupt_wav_fails_the_job_with_a_reason(stack: Stack, speech_wav: Path) -> None:
+def test_corrupt_wav_fails_the_job_with_a_reason(
+    stack: Stack, speech_wav: Path
+) -> None:
     corrupt = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 40
     resp = _post_file(stack, "corrupt.wav", corrupt, gpu="true")
     assert resp.status_code == 422
@@ -57,10 +63,16 @@ def test_unknown_task_and_batch_ids_are_404(stack: Stack) -> None:
 @pytest.mark.parametrize("key,status", [(None, 401), ("wrong-key", 403)])
 def test_every_route_but_health_needs_an_api_key(stack: Stack, key, status) -> None:
     with stack.client(key) as c:
-        for method, path in [("GET", "/api/v1/status/"), ("GET", "/api/v1/workers"),
-                             ("GET", "/api/v1/status/stats/queues"), ("POST", "/process/url"),
-                             ("POST", "/api/v1/ingest/url"), ("GET", "/metrics"),
-                             ("DELETE", "/api/v1/ingest/abc"), ("GET", "/api/v1/status/abc")]:
+        for method, path in [
+            ("GET", "/api/v1/status/"),
+            ("GET", "/api/v1/workers"),
+            ("GET", "/api/v1/status/stats/queues"),
+            ("POST", "/process/url"),
+            ("POST", "/api/v1/ingest/url"),
+            ("GET", "/metrics"),
+            ("DELETE", "/api/v1/ingest/abc"),
+            ("GET", "/api/v1/status/abc"),
+        ]:
             resp = c.request(method, path)
             assert resp.status_code == status, (method, path, resp.text)
             assert "detail" in resp.json()
@@ -78,18 +90,29 @@ def test_gpu_flag_must_be_a_boolean(stack: Stack, speech_wav: Path, value: str) 
     resp = _post_file(stack, "speech.wav", speech_wav.read_bytes(), gpu=value)
     assert resp.status_code == 422
     with stack.client() as c:
-        form = c.post("/api/v1/ingest/file", data={"gpu": value},
-                      files={"file": ("speech.wav", speech_wav.read_bytes())})
-        body = c.post("/api/v1/ingest/url", json={"url": "http://127.0.0.1/x.wav", "gpu": value})
+        form = c.post(
+            "/api/v1/ingest/file",
+            data={"gpu": value},
+            files={"file": ("speech.wav", speech_wav.read_bytes())},
+        )
+        body = c.post(
+            "/api/v1/ingest/url", json={"url": "http://127.0.0.1/x.wav", "gpu": value}
+        )
     assert form.status_code == 422 and body.status_code == 422
 
 
 def test_options_must_be_a_json_object(stack: Stack, speech_wav: Path) -> None:
     with stack.client() as c:
-        resp = c.post("/process/file", data={"options": "[1, 2]"},
-                      files={"file": ("speech.wav", speech_wav.read_bytes())})
-        broken = c.post("/process/file", data={"options": "{nope"},
-                        files={"file": ("speech.wav", speech_wav.read_bytes())})
+        resp = c.post(
+            "/process/file",
+            data={"options": "[1, 2]"},
+            files={"file": ("speech.wav", speech_wav.read_bytes())},
+        )
+        broken = c.post(
+            "/process/file",
+            data={"options": "{nope"},
+            files={"file": ("speech.wav", speech_wav.read_bytes())},
+        )
     assert resp.status_code == 422 and "JSON object" in resp.json()["detail"]
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["detail"]
 
@@ -98,7 +121,9 @@ def test_refused_urls(stack: Stack) -> None:
     with stack.client() as c:
         scheme = c.post("/process/url", json={"url": "file:///etc/passwd"})
         private = c.post("/api/v1/ingest/url", json={"url": "http://10.1.2.3/a.wav"})
-        link_local = c.post("/api/v1/ingest/url", json={"url": "http://169.254.169.254/x.wav"})
+        link_local = c.post(
+            "/api/v1/ingest/url", json={"url": "http://169.254.169.254/x.wav"}
+        )
     assert scheme.status_code == 422 and "http and https" in scheme.json()["detail"]
     assert private.status_code == 422 and "private" in private.json()["detail"]
     assert link_local.status_code == 422
@@ -113,9 +138,13 @@ def test_file_route_needs_the_worker_token_and_takes_no_paths(
     file_id = next(p.name for p in (stack.shared / "uploads").iterdir())
     with stack.client(None) as c:
         no_token = c.get(f"/api/v1/files/{file_id}")
-        api_key_only = c.get(f"/api/v1/files/{file_id}", headers={"X-API-Key": "test-api-key"})
+        api_key_only = c.get(
+            f"/api/v1/files/{file_id}", headers={"X-API-Key": "test-api-key"}
+        )
         wrong = c.get(f"/api/v1/files/{file_id}", headers={"X-Worker-Token": "nope"})
-        good = c.get(f"/api/v1/files/{file_id}", headers={"X-Worker-Token": WORKER_TOKEN})
+        good = c.get(
+            f"/api/v1/files/{file_id}", headers={"X-Worker-Token": WORKER_TOKEN}
+        )
         traversal = [
             c.get(f"/api/v1/files/{p}", headers={"X-Worker-Token": WORKER_TOKEN})
             for p in ("..%2F..%2Fetc%2Fpasswd", "%2E%2E", "..", f"{file_id}.part")
@@ -123,11 +152,15 @@ def test_file_route_needs_the_worker_token_and_takes_no_paths(
     assert no_token.status_code == 401 and api_key_only.status_code == 401
     assert wrong.status_code == 403
     assert good.status_code == 200 and good.content == speech_wav.read_bytes()
-    assert all(r.status_code == 404 for r in traversal), [r.status_code for r in traversal]
+    assert all(r.status_code == 404 for r in traversal), [
+        r.status_code for r in traversal
+    ]
     assert stack.wait_job(accepted["task_id"])["status"] == "succeeded"
 
 
-def test_worker_without_the_share_downloads_over_http(make_stack, speech_wav: Path, tmp_path):
+def test_worker_without_the_share_downloads_over_http(
+    make_stack, speech_wav: Path, tmp_path
+):
     stack = make_stack()
     stack.start_api()
     stack.start_worker("gpu0@test", "gpu-tasks", shared_dir=tmp_path / "not-shared")
@@ -142,8 +175,12 @@ def test_worker_with_a_wrong_token_fails_the_job_with_the_reason(
 ) -> None:
     stack = make_stack()
     stack.start_api()
-    stack.start_worker("gpu0@test", "gpu-tasks", shared_dir=tmp_path / "not-shared",
-                       worker_token="wrong")
+    stack.start_worker(
+        "gpu0@test",
+        "gpu-tasks",
+        shared_dir=tmp_path / "not-shared",
+        worker_token="wrong",
+    )
     job = stack.wait_job(stack.ingest(speech_wav, gpu=True)["task_id"])
     assert job["status"] == "failed"
     assert "download of the upload failed: HTTP 403" in job["error"]
@@ -153,8 +190,14 @@ def test_unknown_queue_is_refused_by_the_cli(stack: Stack) -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "morag.cli", "worker", "--queue", "gpu-task"],
-                         env=stack.env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "morag.cli", "worker", "--queue", "gpu-task"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 2
     assert "unknown queue(s): gpu-task" in out.stderr
 
@@ -164,6 +207,12 @@ def test_api_refuses_to_start_without_keys(stack: Stack) -> None:
     import sys
 
     env = {**stack.env, "MORAG_API_KEYS": ""}
-    out = subprocess.run([sys.executable, "-m", "morag.cli", "api", "--port", "1"],
-                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "morag.cli", "api", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 2 and "MORAG_API_KEYS is empty" in out.stderr

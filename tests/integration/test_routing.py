@@ -17,7 +17,9 @@ from tests.integration.stack import Stack
 
 def _process_file(stack: Stack, path: Path, gpu: str) -> dict:
     with stack.client() as c, open(path, "rb") as f:
-        resp = c.post("/process/file", params={"gpu": gpu}, files={"file": (path.name, f)})
+        resp = c.post(
+            "/process/file", params={"gpu": gpu}, files={"file": (path.name, f)}
+        )
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -28,22 +30,33 @@ def test_gpu_true_runs_on_the_gpu_worker(stack: Stack, speech_wav: Path) -> None
     assert body["route"]["gpu_requested"] is True
     assert "gpu0@test" in body["route"]["reason"]
     result = body["result"]
-    assert "report" in result["content"].lower() and "friday" in result["content"].lower()
+    assert (
+        "report" in result["content"].lower() and "friday" in result["content"].lower()
+    )
     assert result["segments"] and result["segments"][0]["end"] > 0
     meta = result["metadata"]
-    assert meta["device"] == "cpu" and meta["model"] == "tiny.en" and meta["duration"] > 1
+    assert (
+        meta["device"] == "cpu" and meta["model"] == "tiny.en" and meta["duration"] > 1
+    )
     assert meta["language"] == "en"
     job = stack.job(body["task_id"])
     assert job["status"] == "succeeded"
-    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [("gpu-tasks", "gpu0@test")]
+    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [
+        ("gpu-tasks", "gpu0@test")
+    ]
 
 
 def test_gpu_false_runs_on_the_cpu_worker(stack: Stack, speech_wav: Path) -> None:
     body = _process_file(stack, speech_wav, "false")
-    assert body["route"] == {"queue": "celery", "gpu_requested": False,
-                             "reason": "gpu not requested"}
+    assert body["route"] == {
+        "queue": "celery",
+        "gpu_requested": False,
+        "reason": "gpu not requested",
+    }
     job = stack.job(body["task_id"])
-    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [("celery", "cpu0@test")]
+    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [
+        ("celery", "cpu0@test")
+    ]
 
 
 def test_ingest_records_the_route_on_the_job(stack: Stack, speech_wav: Path) -> None:
@@ -58,7 +71,9 @@ def test_ingest_records_the_route_on_the_job(stack: Stack, speech_wav: Path) -> 
 
 @pytest.fixture
 def media_server(speech_wav: Path) -> Iterator[str]:
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(speech_wav.parent))
+    handler = partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(speech_wav.parent)
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -80,8 +95,10 @@ def test_process_url_honours_the_gpu_flag(stack: Stack, media_server: str) -> No
 def test_batch_routes_every_item(stack: Stack, media_server: str) -> None:
     url = f"{media_server}/speech.wav"
     with stack.client() as c:
-        resp = c.post("/api/v1/ingest/batch", json={"items": [{"url": url}, {"url": url}],
-                                                     "gpu": True})
+        resp = c.post(
+            "/api/v1/ingest/batch",
+            json={"items": [{"url": url}, {"url": url}], "gpu": True},
+        )
         assert resp.status_code == 202, resp.text
         batch = resp.json()
         assert [r["queue"] for r in batch["routes"]] == ["gpu-tasks", "gpu-tasks"]
@@ -154,12 +171,33 @@ def test_cli_submit_and_workers(stack: Stack, speech_wav: Path) -> None:
 
     env = {**stack.env, "MORAG_API_KEY": "test-api-key"}
     out = subprocess.run(
-        [sys.executable, "-m", "morag.cli", "submit", str(speech_wav), "--gpu", "--wait",
-         "--json", "--api-url", stack.api_url], env=env, capture_output=True, text=True,
-        timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "morag.cli",
+            "submit",
+            str(speech_wav),
+            "--gpu",
+            "--wait",
+            "--json",
+            "--api-url",
+            stack.api_url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
     assert job["status"] == "succeeded" and job["route"]["queue"] == "gpu-tasks"
-    listing = subprocess.run([sys.executable, "-m", "morag.cli", "workers", "--json"], env=env,
-                             capture_output=True, text=True, timeout=60, check=True)
+    listing = subprocess.run(
+        [sys.executable, "-m", "morag.cli", "workers", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert {w["name"] for w in json.loads(listing.stdout)} == {"gpu0@test", "cpu0@test"}
