@@ -1,0 +1,70 @@
+# MoRAG: `make lab` brings up the local lab and runs the main job; `make test` installs
+# everything it needs and runs every test. Both work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUFF := $(VENV)/bin/ruff --config app/pyproject.toml
+STAMP := $(VENV)/.installed
+APT_PACKAGES := python3-venv python3-dev gcc redis-server ffmpeg espeak-ng sox \
+                docker.io debootstrap libnfs-utils
+PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
+
+.PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down clean
+
+help:
+	@echo "make lab       bring up the local lab and run the main job (gpu=true audio)"
+	@echo "make lab-down  remove the lab"
+	@echo "make test      install everything and run lint, unit, integration and molecule stages"
+	@echo "make bench     run the benchmarks in tests/bench (not part of make test)"
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): app/pyproject.toml tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e 'app[audio]' -r tests/requirements.txt
+	touch $@
+
+venv: deps $(STAMP)
+
+lint: venv
+	$(RUFF) check app/src tests
+	$(RUFF) format --check app/src tests
+	$(MAKE) --no-print-directory ansible-lint syntax-check
+
+ansible-lint: venv
+	$(VENV)/bin/ansible-lint --profile production
+
+syntax-check: venv
+	@for p in $(PLAYBOOKS); do \
+	  PATH=$(CURDIR)/$(VENV)/bin:$$PATH ansible-playbook --syntax-check -i inventory/example/hosts.yml $$p >/dev/null || exit 1; \
+	  echo "syntax ok: $$p"; \
+	done
+
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
+integration: venv
+	$(PY) -m pytest tests/integration -q
+
+test: venv
+	$(PY) tests/stages.py lint unit integration
+
+bench: venv
+	$(PY) tests/bench/submit_latency.py
+
+lab: venv
+	$(PY) tests/lab_local.py
+
+lab-down:
+	@echo "the local lab stops itself when its job is done"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
