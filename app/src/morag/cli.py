@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from morag.config import DECLARED_QUEUES, GPU_QUEUE
+from morag.config import DECLARED_QUEUES, GPU_QUEUE, STORE_QUEUE
 
 app = typer.Typer(
     help="MoRAG processing service.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -87,7 +87,8 @@ def worker(
     _settings()
     from morag.worker import celery_app
 
-    node = name or f"{'gpu' if GPU_QUEUE in queue else 'cpu'}@%h"
+    kind = "gpu" if GPU_QUEUE in queue else "store" if queue == [STORE_QUEUE] else "cpu"
+    node = name or f"{kind}@%h"
     celery_app.worker_main(
         [
             "worker",

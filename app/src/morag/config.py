@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GPU_QUEUE = "gpu-tasks"
 CPU_QUEUE = "celery"
-DECLARED_QUEUES = (CPU_QUEUE, GPU_QUEUE)
+STORE_QUEUE = "morag-store"  # server side only: vector storage, search, webhooks
+DECLARED_QUEUES = (CPU_QUEUE, GPU_QUEUE, STORE_QUEUE)
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -43,6 +44,24 @@ class Settings(BaseSettings):
     whisper_model: str = "tiny.en"
     whisper_compute_type: str = "auto"
     whisper_cpu_threads: int = Field(default=0, ge=0)
+    docling_artifacts_path: Path | None = None  # docling's layout models for PDFs
+    ocr_languages: str = "eng"  # tesseract -l value
+    web_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+
+    # Ingestion: chunking, embeddings, vector store (server side)
+    chunk_size: int = Field(default=1000, ge=100)
+    chunk_overlap: int = Field(default=150, ge=0)
+    embedding_model: str = "all-MiniLM-L6-v2"
+    qdrant_url: str | None = None  # unset: local mode on disk at qdrant_path
+    qdrant_api_key: SecretStr | None = None
+    qdrant_path: Path = Path("/var/lib/morag/qdrant")
+    qdrant_collection: str = "morag"
+    search_timeout: float = Field(default=30.0, gt=0)
+
+    # Webhooks
+    webhook_secret: SecretStr | None = None
+    webhook_retries: int = Field(default=5, ge=0)
+    webhook_backoff: float = Field(default=2.0, ge=0)
 
     # Fleet, routing, rescue
     heartbeat_ttl: float = Field(default=15.0, gt=0.5)
@@ -81,6 +100,8 @@ class Settings(BaseSettings):
                 f"MORAG_JOB_TIME_LIMIT ({self.job_time_limit}s), or running jobs are "
                 "delivered twice"
             )
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("MORAG_CHUNK_OVERLAP must be smaller than MORAG_CHUNK_SIZE")
         return self
 
     @property

@@ -16,7 +16,8 @@ from morag.config import CPU_QUEUE, GPU_QUEUE
 from morag.jobs import TERMINAL, Record
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
-from morag.worker import Runtime, enqueue
+from morag.webhooks import notify_end
+from morag.worker import Runtime, enqueue, enqueue_store
 
 log = logging.getLogger("morag.execution")
 
@@ -53,6 +54,7 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
         log.info("job %s not run here: %s", task_id, claim.reason)
         if claim.record is not None:
             _cleanup(rt, claim.record)
+            notify_end(rt.redis, claim.record)
         return
     record = claim.record
     assert record is not None
@@ -77,12 +79,18 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
             log.exception("job %s failed", task_id)
             rt.store.finish(task_id, owner, error=f"internal error: {type(exc).__name__}: {exc}")
     else:
-        rt.store.finish(task_id, owner, result=result)
+        if record.get("kind") == "ingest":
+            # Storing runs on the server (morag-store); the job succeeds once stored.
+            if rt.store.hand_to_store(task_id, owner, result=result):
+                enqueue_store(task_id)
+        else:
+            rt.store.finish(task_id, owner, result=result)
     finally:
         files.drop_scratch(scratch)
     final = rt.store.get(task_id)
     if final is not None:
         _cleanup(rt, final)
+        notify_end(rt.redis, final)
 
 
 def _set_attempt_device(rt: Runtime, task_id: str, owner: str, device: str) -> None:
@@ -143,8 +151,15 @@ def _process(
     source = record["source"]
     content_type = record["content_type"]
     _fault(rt, record.get("options") or {}, queue, device, progress)
+    try:
+        processor = get_processor(content_type)
+    except KeyError as exc:
+        raise ProcessingError(str(exc)) from exc
+    source_url = source.get("url") if source["type"] == "url" else None
     if source["type"] == "file":
         path, transfer = files.fetch_for_worker(rt.settings, source, scratch)
+    elif getattr(processor, "fetches_url", False):
+        path, transfer = scratch, "url"
     else:
         path = scratch / "download"
         urls.download(
@@ -155,11 +170,7 @@ def _process(
             timeout=rt.settings.url_timeout,
         )
         transfer = "url"
-    try:
-        processor = get_processor(content_type)
-    except KeyError as exc:
-        raise ProcessingError(str(exc)) from exc
-    ctx = ProcessContext(rt.settings, device, scratch, progress)
+    ctx = ProcessContext(rt.settings, device, scratch, progress, source_url)
     result = processor.process(path, record.get("options") or {}, ctx)
     result.setdefault("metadata", {})
     result["metadata"].setdefault("device", device)

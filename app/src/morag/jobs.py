@@ -230,6 +230,9 @@ class JobStore:
             if record["status"] in TERMINAL:
                 verdict["c"] = Claim(False, f"job already {record['status']}")
                 return None
+            if record.get("storing"):
+                verdict["c"] = Claim(False, "job is being stored")
+                return None
             if holder and holder != owner and not owner_is_dead(holder):
                 verdict["c"] = Claim(False, f"job is running under {holder}")
                 return None
@@ -283,6 +286,51 @@ class JobStore:
             record["error"] = error
             if not error:
                 record["progress"] = 1.0
+            done["ok"] = True
+            return record
+
+        self.update(task_id, change, lease=None)
+        return done["ok"]
+
+    def hand_to_store(self, task_id: str, owner: str, *, result: Record) -> bool:
+        """Processing of an ingest job succeeded: close the attempt, keep the job ``running``
+        with ``result.metadata.stored = "pending"`` until the store worker completes it."""
+        done = {"ok": False}
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if holder != owner or record["status"] != RUNNING:
+                return None
+            _close_open_attempt(record, None)
+            result.setdefault("metadata", {})["stored"] = "pending"
+            record["result"] = result
+            record["storing"] = True
+            record["progress"] = 0.99
+            done["ok"] = True
+            return record
+
+        self.update(task_id, change, lease=None)
+        return done["ok"]
+
+    def finish_store(
+        self, task_id: str, *, stored_chunks: int | None = None, error: str | None = None
+    ) -> bool:
+        """The store worker's verdict on a job handed over by ``hand_to_store``."""
+        done = {"ok": False}
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != RUNNING or not record.get("storing"):
+                return None
+            record["storing"] = False
+            meta = record["result"].setdefault("metadata", {})
+            if error:
+                record["status"] = FAILED
+                record["error"] = error
+                meta["stored"] = False
+            else:
+                record["status"] = SUCCEEDED
+                record["progress"] = 1.0
+                meta["stored"] = True
+                meta["stored_chunks"] = stored_chunks
             done["ok"] = True
             return record
 

@@ -10,10 +10,11 @@ from urllib.parse import urlsplit
 import redis
 from prometheus_client import CollectorRegistry, Counter
 
+from morag import urls
 from morag.config import Settings
 from morag.fleet import CachedFleet
 from morag.jobs import JobStore, Record, new_record
-from morag.processors.detect import AUDIO_EXTENSIONS
+from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.routing import decide_route
 from morag.worker import enqueue
@@ -93,6 +94,8 @@ def url_content_type(url: str, options: dict[str, Any]) -> str:
         guess = "youtube"
     elif any(parts.path.lower().endswith(ext) for ext in AUDIO_EXTENSIONS):
         guess = "audio"
+    elif any(parts.path.lower().endswith(ext) for ext in VIDEO_EXTENSIONS):
+        guess = "youtube"  # yt-dlp fetches the media and keeps its audio
     else:
         guess = "web"
     if guess not in known_types():
@@ -115,6 +118,11 @@ def submit(
     batch_id: str | None = None,
     task_id: str | None = None,
 ) -> Record:
+    if webhook_url:
+        try:
+            urls.check_url(webhook_url, services.settings.url_allowlist)
+        except urls.UrlRefused as exc:
+            raise BadInput(422, f"webhook_url refused: {exc}") from exc
     route = decide_route(
         gpu_requested=gpu,
         content_type=content_type,

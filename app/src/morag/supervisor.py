@@ -135,6 +135,8 @@ class Supervisor:
         for record in self.store.get_many(self.store.active_ids()):
             if record["status"] != RUNNING or self.store.lease_owner(record["task_id"]):
                 continue
+            if record.get("storing"):  # handed to morag-store; Celery redelivers that task
+                continue
             lost = record["attempts"][-1]["worker"] if record["attempts"] else "unknown"
             route = decide_route(
                 gpu_requested=record["route"]["gpu_requested"],

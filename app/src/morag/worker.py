@@ -15,7 +15,7 @@ import redis
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from morag.config import CPU_QUEUE, DECLARED_QUEUES, Settings, get_settings
+from morag.config import CPU_QUEUE, DECLARED_QUEUES, STORE_QUEUE, Settings, get_settings
 from morag.devices import DeviceInfo, detect_device
 from morag.jobs import JobStore
 
@@ -54,6 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": settings.max_tasks_per_child,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        "imports": ("morag.server_tasks",),  # storing, search, webhooks (morag-store queue)
     }
 
 
@@ -111,6 +112,11 @@ def process_job(self: Any, task_id: str) -> None:
 def enqueue(task_id: str, queue: str) -> None:
     """Send the job's message; the Celery task id is the job id, so revoke(job id) cancels."""
     process_job.apply_async((task_id,), queue=queue, task_id=task_id)
+
+
+def enqueue_store(task_id: str) -> None:
+    """Ask the server's morag-store worker to chunk, embed and store an ingested job."""
+    celery_app.send_task("morag.store_job", (task_id,), queue=STORE_QUEUE)
 
 
 # -- worker lifecycle -----------------------------------------------------------------------

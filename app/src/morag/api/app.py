@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from morag import __version__
-from morag.api.routers import files, health, ingest, process, status, workers
+from morag.api.routers import files, health, ingest, process, search, status, workers
 from morag.config import Settings, get_settings
 from morag.submission import build_services
 
@@ -47,6 +47,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
         return JSONResponse({"detail": f"Redis unavailable: {type(exc).__name__}"}, 503)
 
-    for module in (health, process, ingest, status, workers, files):
+    for module in (health, process, ingest, status, workers, files, search):
         app.include_router(module.router)
     return app

@@ -46,10 +46,14 @@ class ProcessContext:
     device: str  # "cpu" or "cuda"
     work_dir: Path  # private scratch directory for this job
     report_progress: Callable[[float], None]
+    source_url: str | None = None  # the job's URL, for processors that fetch it themselves
 
 
 class Processor(Protocol):
     content_type: str
+    # True: the processor fetches ``ctx.source_url`` itself (yt-dlp, size-capped web fetch)
+    # and gets the job's scratch directory instead of a downloaded file.
+    fetches_url: bool
 
     def process(self, path: Path, options: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
         """Return ``{"content": str, "metadata": {...}, ...}`` or raise ProcessingError."""

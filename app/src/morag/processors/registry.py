@@ -28,6 +28,23 @@ SPECS: dict[str, ProcessorSpec] = {
     spec.content_type: spec
     for spec in (
         ProcessorSpec("audio", "morag.processors.audio:AudioProcessor", ("faster_whisper",)),
+        ProcessorSpec(
+            "video",
+            "morag.processors.video:VideoProcessor",
+            ("faster_whisper", "ffmpeg"),
+            ("ffmpeg", "ffprobe"),
+        ),
+        ProcessorSpec(
+            "document", "morag.processors.document:DocumentProcessor", ("docling", "pypdf")
+        ),
+        ProcessorSpec("image", "morag.processors.image:ImageProcessor", ("PIL",), ("tesseract",)),
+        ProcessorSpec("web", "morag.processors.web:WebProcessor", ("trafilatura",)),
+        ProcessorSpec(
+            "youtube",
+            "morag.processors.youtube:YoutubeProcessor",
+            ("yt_dlp", "faster_whisper"),
+            ("ffmpeg",),
+        ),
     )
 }
 

@@ -12,6 +12,7 @@ from morag import files, urls
 from morag.api.deps import ApiKey, accept_upload, bad_input, limit_body, services
 from morag.jobs import TERMINAL, new_id
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
+from morag.webhooks import notify_end
 from morag.worker import celery_app
 
 router = APIRouter(prefix="/api/v1/ingest", tags=["ingest"], dependencies=[ApiKey])
@@ -109,19 +110,22 @@ def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> dict[s
     except BadInput as exc:
         raise bad_input(exc) from exc
     batch_id = new_id()
-    records = [
-        submit(
-            svc,
-            kind="ingest",
-            content_type=ct,
-            source=src,
-            options=opts,
-            gpu=body.gpu,
-            webhook_url=body.webhook_url,
-            batch_id=batch_id,
-        )
-        for (ct, src), opts in jobs
-    ]
+    try:
+        records = [
+            submit(
+                svc,
+                kind="ingest",
+                content_type=ct,
+                source=src,
+                options=opts,
+                gpu=body.gpu,
+                webhook_url=body.webhook_url,
+                batch_id=batch_id,
+            )
+            for (ct, src), opts in jobs
+        ]
+    except BadInput as exc:  # the webhook URL is checked with the first item
+        raise bad_input(exc) from exc
     svc.store.save_batch(batch_id, [r["task_id"] for r in records])
     return {
         "batch_id": batch_id,
@@ -144,4 +148,5 @@ def cancel(task_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
     celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
     if record["source"]["type"] == "file":
         files.remove_upload(svc.settings.uploads_dir, record["source"]["file_id"])
+    notify_end(svc.redis, record)
     return {"task_id": task_id, "status": record["status"]}

@@ -1,0 +1,66 @@
+"""``/api/v1/search``: similarity search over stored chunks, and deleting a source's chunks.
+
+Both run on the server's ``morag-store`` worker (it owns the embedding model and the vector
+store); the API sends the request there and waits for the answer on a Redis list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from morag.api.deps import ApiKey, services
+from morag.config import STORE_QUEUE
+from morag.jobs import new_id
+from morag.submission import Services
+from morag.worker import celery_app
+
+router = APIRouter(prefix="/api/v1/search", tags=["search"], dependencies=[ApiKey])
+
+FilterValue = str | int | float | bool | list[str] | list[int]
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=4000)
+    limit: int = Field(default=5, ge=1, le=100)
+    filter: dict[str, FilterValue] | None = None
+
+
+def _ask_store(svc: Services, op: str, params: dict[str, Any]) -> dict[str, Any]:
+    request_id = new_id()
+    key = f"morag:reply:{request_id}"
+    celery_app.send_task("morag.vector_op", (request_id, op, params), queue=STORE_QUEUE)
+    deadline = time.monotonic() + svc.settings.search_timeout
+    while time.monotonic() < deadline:
+        item = svc.redis.blpop([key], timeout=1)
+        if item is not None:
+            answer = json.loads(item[1])
+            if "error" in answer:
+                raise HTTPException(503, f"vector store error: {answer['error']}")
+            return answer
+    raise HTTPException(
+        503,
+        f"no answer from a {STORE_QUEUE} worker within {svc.settings.search_timeout:.0f}s "
+        f"(is `morag worker --queue {STORE_QUEUE}` running?)",
+    )
+
+
+@router.post("")
+async def search(body: SearchRequest, svc: Services = Depends(services)) -> dict[str, Any]:
+    params = {"query": body.query, "limit": body.limit, "filter": body.filter}
+    answer = await run_in_threadpool(_ask_store, svc, "search", params)
+    return {"query": body.query, "count": len(answer["results"]), "results": answer["results"]}
+
+
+@router.delete("/source")
+async def delete_source(
+    source: str = Query(min_length=1, max_length=4096, description="file name or URL"),
+    svc: Services = Depends(services),
+) -> dict[str, Any]:
+    answer = await run_in_threadpool(_ask_store, svc, "delete", {"filter": {"source": source}})
+    return {"source": source, "deleted": answer["deleted"]}

@@ -1,0 +1,78 @@
+"""Video: probe the streams with ffprobe, extract the audio track with ffmpeg, transcribe it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from morag.processors.base import ProcessContext, ProcessingError
+
+
+def probe(path: Path) -> dict[str, Any]:
+    import ffmpeg
+
+    try:
+        return ffmpeg.probe(str(path))
+    except ffmpeg.Error as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise ProcessingError(
+            f"cannot read the video: {detail[-1] if detail else 'ffprobe failed'}"
+        ) from exc
+
+
+def describe(info: dict[str, Any]) -> dict[str, Any]:
+    """Duration, container, codecs and resolution from ffprobe's answer."""
+    streams = info.get("streams", [])
+    video = next((s for s in streams if s.get("codec_type") == "video"), None)
+    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
+    fmt = info.get("format", {})
+    meta: dict[str, Any] = {
+        "duration": round(float(fmt.get("duration") or 0.0), 3),
+        "container": fmt.get("format_name"),
+        "video_codec": video.get("codec_name") if video else None,
+        "audio_codec": audio.get("codec_name") if audio else None,
+        "width": int(video["width"]) if video and video.get("width") else None,
+        "height": int(video["height"]) if video and video.get("height") else None,
+    }
+    if meta["width"] and meta["height"]:
+        meta["resolution"] = f"{meta['width']}x{meta['height']}"
+    return meta
+
+
+def extract_audio(path: Path, dest: Path) -> Path:
+    """The first audio track as 16 kHz mono WAV (what Whisper wants)."""
+    import ffmpeg
+
+    try:
+        (
+            ffmpeg.input(str(path))
+            .output(str(dest), vn=None, ac=1, ar=16000, acodec="pcm_s16le")
+            .overwrite_output()
+            .run(quiet=True)
+        )
+    except ffmpeg.Error as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise ProcessingError(
+            f"cannot extract the audio track: {detail[-1] if detail else 'ffmpeg failed'}"
+        ) from exc
+    return dest
+
+
+class VideoProcessor:
+    content_type = "video"
+    fetches_url = False
+
+    def process(self, path: Path, options: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
+        from morag.processors.registry import get_processor
+
+        video_meta = describe(probe(path))
+        if video_meta["audio_codec"] is None:
+            raise ProcessingError("the video has no audio track: nothing to transcribe")
+        wav = extract_audio(path, ctx.work_dir / "audio.wav")
+        result = get_processor("audio").process(wav, options, ctx)
+        meta = result.setdefault("metadata", {})
+        speech_duration = meta.pop("duration", None)
+        meta.update({k: v for k, v in video_meta.items() if v is not None})
+        if not meta.get("duration") and speech_duration:
+            meta["duration"] = speech_duration
+        return result

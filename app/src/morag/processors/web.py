@@ -1,0 +1,68 @@
+"""Web pages: fetch the URL (size and time capped, every redirect re-checked) and keep the
+main text as Markdown with trafilatura."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from morag import urls
+from morag.processors.base import ProcessContext, ProcessingError
+
+
+def extract_main_text(html: str, url: str) -> tuple[str, dict[str, Any]]:
+    import trafilatura
+
+    content = trafilatura.extract(
+        html,
+        url=url,
+        output_format="markdown",
+        include_tables=True,
+        include_links=False,
+        favor_recall=True,
+    )
+    meta: dict[str, Any] = {}
+    doc = trafilatura.extract_metadata(html, default_url=url)
+    if doc is not None:
+        for key in ("title", "author", "date", "sitename", "description"):
+            value = getattr(doc, key, None)
+            if value:
+                meta[key] = value
+    return (content or "").strip(), meta
+
+
+class WebProcessor:
+    content_type = "web"
+    fetches_url = True
+
+    def process(self, path: Path, options: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
+        if not ctx.source_url:
+            raise ProcessingError("the web processor needs a URL (submit it with /process/url)")
+        settings = ctx.settings
+        page = path / "page.html"
+        header = urls.download(
+            ctx.source_url,
+            page,
+            allowlist=settings.url_allowlist,
+            max_bytes=settings.web_max_bytes,
+            timeout=settings.url_timeout,
+        )
+        ctx.report_progress(0.5)
+        raw = page.read_bytes()
+        charset = "utf-8"
+        if "charset=" in header:
+            charset = header.split("charset=", 1)[1].split(";")[0].strip() or charset
+        html = raw.decode(charset, errors="replace")
+        content, meta = extract_main_text(html, ctx.source_url)
+        if not content:
+            raise ProcessingError(f"no main text found at {ctx.source_url}")
+        meta.update(
+            {
+                "url": ctx.source_url,
+                "http_content_type": header,
+                "bytes": len(raw),
+                "extractor": "trafilatura",
+                "device": "cpu",
+            }
+        )
+        return {"content": content, "metadata": meta}

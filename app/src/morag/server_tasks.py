@@ -1,0 +1,153 @@
+"""Celery tasks of the server's ``morag-store`` queue: storing ingested jobs in the vector
+store, search and deletion on behalf of the API, and webhook delivery.
+
+Only the server runs a worker on this queue (``morag worker --queue morag-store``), so GPU
+and CPU processing hosts never need the vector store or the embedding model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+
+from morag import files, urls
+from morag.jobs import RUNNING
+from morag.webhooks import body_of, headers_for, notify_end
+from morag.worker import celery_app, get_runtime
+
+log = logging.getLogger("morag.server_tasks")
+
+REPLY_TTL = 120
+
+
+def reply_key(request_id: str) -> str:
+    return f"morag:reply:{request_id}"
+
+
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value, default=str))
+
+
+def source_name(record: dict[str, Any]) -> str:
+    source = record["source"]
+    if source["type"] == "url":
+        return str(source["url"])
+    return str(source.get("filename") or source.get("file_id"))
+
+
+def store_record(record: dict[str, Any], settings: Any, device: str) -> int:
+    """Chunk the job's content, embed the chunks and write them; the number of chunks."""
+    from morag.vectors import chunking, embeddings, store
+
+    result = record.get("result") or {}
+    chunks = chunking.chunk_markdown(
+        result.get("content") or "", settings.chunk_size, settings.chunk_overlap
+    )
+    result_meta = {k: v for k, v in (result.get("metadata") or {}).items() if k != "stored"}
+    metadata = _json_safe({**result_meta, **(record.get("metadata") or {})})
+    payloads = [
+        {
+            "text": chunk.text,
+            "job_id": record["task_id"],
+            "source": source_name(record),
+            "content_type": record["content_type"],
+            "chunk_index": chunk.index,
+            "section": chunk.section,
+            "metadata": metadata,
+        }
+        for chunk in chunks
+    ]
+    vectors = embeddings.embed(
+        [c.text for c in chunks], model=settings.embedding_model, device=device
+    )
+    return store.upsert_chunks(settings, record["task_id"], vectors, payloads)
+
+
+@celery_app.task(name="morag.store_job", acks_late=True, reject_on_worker_lost=True)
+def store_job(task_id: str) -> None:
+    rt = get_runtime()
+    record = rt.store.get(task_id)
+    if record is None or record["status"] != RUNNING or not record.get("storing"):
+        log.info("job %s: nothing to store (%s)", task_id, record and record["status"])
+        return
+    try:
+        count = store_record(record, rt.settings, rt.device.device)
+    except Exception as exc:
+        log.exception("storing job %s failed", task_id)
+        rt.store.finish_store(task_id, error=f"storing failed: {type(exc).__name__}: {exc}")
+    else:
+        if not rt.store.finish_store(task_id, stored_chunks=count):
+            # Cancelled while storing: what was written goes again.
+            from morag.vectors import store
+
+            store.delete_where(rt.settings, {"job_id": task_id})
+    final = rt.store.get(task_id)
+    if final is not None:
+        if final["source"]["type"] == "file":
+            files.remove_upload(rt.settings.uploads_dir, final["source"]["file_id"])
+        notify_end(rt.redis, final)
+
+
+@celery_app.task(name="morag.vector_op", acks_late=False)
+def vector_op(request_id: str, op: str, params: dict[str, Any]) -> None:
+    """Search or delete for the API; the answer goes to a Redis list the API waits on."""
+    from morag.vectors import embeddings, store
+
+    rt = get_runtime()
+    try:
+        if op == "search":
+            vector = embeddings.embed(
+                [params["query"]], model=rt.settings.embedding_model, device=rt.device.device
+            )[0]
+            answer: dict[str, Any] = {
+                "results": store.search(
+                    rt.settings, vector, int(params["limit"]), params.get("filter")
+                )
+            }
+        elif op == "delete":
+            answer = {"deleted": store.delete_where(rt.settings, params["filter"])}
+        else:
+            answer = {"error": f"unknown operation {op!r}"}
+    except Exception as exc:
+        log.exception("vector operation %s failed", op)
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+    key = reply_key(request_id)
+    pipe = rt.redis.pipeline()
+    pipe.rpush(key, json.dumps(answer))
+    pipe.expire(key, REPLY_TTL)
+    pipe.execute()
+
+
+@celery_app.task(name="morag.deliver_webhook", bind=True, acks_late=True)
+def deliver_webhook(self: Any, task_id: str) -> None:
+    rt = get_runtime()
+    record = rt.store.get(task_id)
+    if record is None or not record.get("webhook_url"):
+        return
+    url = record["webhook_url"]
+    body = body_of(record)
+    secret = rt.settings.webhook_secret
+    headers = headers_for(body, secret.get_secret_value() if secret else None)
+    try:
+        urls.check_url(url, rt.settings.url_allowlist)
+    except urls.UrlRefused as exc:
+        log.warning("webhook of job %s refused: %s", task_id, exc)
+        return
+    try:
+        resp = httpx.post(url, content=body, headers=headers, timeout=10, follow_redirects=False)
+        if resp.status_code >= 300:
+            raise httpx.HTTPStatusError(
+                f"HTTP {resp.status_code}", request=resp.request, response=resp
+            )
+    except httpx.HTTPError as exc:
+        retries = self.request.retries
+        if retries >= rt.settings.webhook_retries:
+            log.warning("webhook of job %s gave up after %d tries: %s", task_id, retries + 1, exc)
+            return
+        countdown = rt.settings.webhook_backoff * (2**retries)
+        log.info("webhook of job %s failed (%s); retry in %.1fs", task_id, exc, countdown)
+        raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+    log.info("webhook of job %s delivered: HTTP %d", task_id, resp.status_code)

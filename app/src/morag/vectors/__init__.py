@@ -1,0 +1,1 @@
+"""Ingestion: Markdown-aware chunking, sentence embeddings and the Qdrant vector store."""
