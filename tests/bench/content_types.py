@@ -82,6 +82,7 @@ def main() -> int:
         root / "stack",
         free_port(),
         qdrant_path=root / "qdrant",
+        store_ingested="true",
         process_wait=300,
     )
     rows = []
@@ -104,7 +105,13 @@ def main() -> int:
             _time_url(stack, f"{web}/page.html", 1)
             rows.append(("web", _time_url(stack, f"{web}/page.html", args.runs), ""))
             _time_url(stack, f"{web}/speech.mp4", 1)
-            rows.append(("youtube (yt-dlp)", _time_url(stack, f"{web}/speech.mp4", args.runs), ""))
+            rows.append(
+                (
+                    "youtube (yt-dlp)",
+                    _time_url(stack, f"{web}/speech.mp4", args.runs),
+                    "",
+                )
+            )
         # Ingestion: a long Markdown document, end to end and the store step alone.
         for attempt in range(2):
             t0 = time.monotonic()

@@ -61,6 +61,7 @@ class Stack:
             "MORAG_PROCESS_WAIT": "30",
             "MORAG_FAULT_INJECTION": "true",
             "MORAG_URL_ALLOWLIST": "127.0.0.1",
+            "MORAG_STORE_INGESTED": "false",  # stacks with a morag-store worker set it true
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
         }

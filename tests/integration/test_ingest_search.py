@@ -7,7 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from morag.webhooks import SIGNATURE_HEADER, verify
@@ -38,7 +38,9 @@ def web(docs: dict[str, Path]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("ingeststack")
     s = Stack(
         redis_server.url(redis_server.fresh_db()),
@@ -50,6 +52,7 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         webhook_secret=SECRET,
         webhook_backoff=0.2,
         webhook_retries=3,
+        store_ingested="true",
     )
     s.start_api()
     s.start_worker("gpu0@in", "gpu-tasks", wait=False)
@@ -64,13 +67,17 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
 
 def _search(stack: Stack, query: str, **extra: Any) -> list[dict[str, Any]]:
     with stack.client() as c:
-        resp = c.post("/api/v1/search", json={"query": query, "limit": 3, **extra}, timeout=90)
+        resp = c.post(
+            "/api/v1/search", json={"query": query, "limit": 3, **extra}, timeout=90
+        )
     assert resp.status_code == 200, resp.text
     return resp.json()["results"]
 
 
 @pytest.fixture(scope="module")
-def ingested(stack: Stack, docs: dict[str, Path], web: str) -> dict[str, dict[str, Any]]:
+def ingested(
+    stack: Stack, docs: dict[str, Path], web: str
+) -> dict[str, dict[str, Any]]:
     jobs = {}
     for i, name in enumerate(("docx", "pptx", "pdf")):
         with stack.client() as c, open(docs[name], "rb") as f:
@@ -87,7 +94,11 @@ def ingested(stack: Stack, docs: dict[str, Path], web: str) -> dict[str, dict[st
     with stack.client() as c:
         resp = c.post(
             "/api/v1/ingest/url",
-            json={"url": f"{web}/island.html", "gpu": True, "metadata": {"team": "web"}},
+            json={
+                "url": f"{web}/island.html",
+                "gpu": True,
+                "metadata": {"team": "web"},
+            },
         )
     assert resp.status_code == 202, resp.text
     jobs["html"] = resp.json()
@@ -110,9 +121,24 @@ def test_ingest_succeeds_only_once_stored(ingested: dict[str, dict[str, Any]]) -
             media.DOCX_SENTENCE,
             "harbour.docx",
         ),
-        ("pptx", "bread leavened with natural yeast", media.PPTX_SENTENCE, "bakery.pptx"),
-        ("pdf", "how do bees tell each other where flowers are", media.PDF_SENTENCE, "bees.pdf"),
-        ("html", "an eruption buried the town under ash", media.WEB_SENTENCE, "/island.html"),
+        (
+            "pptx",
+            "bread leavened with natural yeast",
+            media.PPTX_SENTENCE,
+            "bakery.pptx",
+        ),
+        (
+            "pdf",
+            "how do bees tell each other where flowers are",
+            media.PDF_SENTENCE,
+            "bees.pdf",
+        ),
+        (
+            "html",
+            "an eruption buried the town under ash",
+            media.WEB_SENTENCE,
+            "/island.html",
+        ),
     ],
 )
 def test_paraphrased_query_finds_the_sentence(
@@ -139,7 +165,9 @@ def test_filter_and_delete_by_source(
     hits = _search(stack, "bees and flowers", filter={"content_type": "document"})
     assert hits[0]["source"] == "bees.pdf"
     with stack.client() as c:
-        resp = c.delete("/api/v1/search/source", params={"source": "bees.pdf"}, timeout=60)
+        resp = c.delete(
+            "/api/v1/search/source", params={"source": "bees.pdf"}, timeout=60
+        )
     assert resp.status_code == 200 and resp.json()["deleted"] >= 1
     assert all(h["source"] != "bees.pdf" for h in _search(stack, "bees waggle dance"))
 
@@ -150,7 +178,7 @@ def test_search_needs_an_api_key(stack: Stack) -> None:
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
-    calls: list[tuple[bytes, str]] = []
+    calls: ClassVar[list[tuple[bytes, str]]] = []
     fail_first = 1
 
     def do_POST(self) -> None:
@@ -191,6 +219,9 @@ def test_refused_webhook_url_is_422(stack: Stack, docs: dict[str, Path]) -> None
     with stack.client() as c:
         resp = c.post(
             "/api/v1/ingest/url",
-            json={"url": "http://127.0.0.1:9/x.html", "webhook_url": "http://10.9.8.7/hook"},
+            json={
+                "url": "http://127.0.0.1:9/x.html",
+                "webhook_url": "http://10.9.8.7/hook",
+            },
         )
     assert resp.status_code == 422 and "webhook_url refused" in resp.json()["detail"]

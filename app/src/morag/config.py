@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     web_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
 
     # Ingestion: chunking, embeddings, vector store (server side)
+    # Ingest jobs are stored by the morag-store worker before they succeed; false: they
+    # end after processing with result.metadata.stored = false (decided by the API).
+    store_ingested: bool = True
     chunk_size: int = Field(default=1000, ge=100)
     chunk_overlap: int = Field(default=150, ge=0)
     embedding_model: str = "all-MiniLM-L6-v2"

@@ -79,11 +79,13 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
             log.exception("job %s failed", task_id)
             rt.store.finish(task_id, owner, error=f"internal error: {type(exc).__name__}: {exc}")
     else:
-        if record.get("kind") == "ingest":
+        if record.get("store"):
             # Storing runs on the server (morag-store); the job succeeds once stored.
             if rt.store.hand_to_store(task_id, owner, result=result):
                 enqueue_store(task_id)
         else:
+            if record.get("kind") == "ingest":
+                result.setdefault("metadata", {})["stored"] = False
             rt.store.finish(task_id, owner, result=result)
     finally:
         files.drop_scratch(scratch)

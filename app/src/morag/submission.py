@@ -140,6 +140,7 @@ def submit(
         batch_id=batch_id,
         task_id=task_id,
     )
+    record["store"] = kind == "ingest" and services.settings.store_ingested
     services.store.create(record)
     enqueue(record["task_id"], route.queue)
     services.submitted.labels(route.queue, str(gpu).lower()).inc()
