@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff --config app/pyproject.toml
 STAMP := $(VENV)/.installed
 APT_PACKAGES := python3-venv python3-dev gcc redis-server ffmpeg espeak-ng sox \
-                docker.io debootstrap libnfs-utils
+                tesseract-ocr tesseract-ocr-eng docker.io debootstrap libnfs-utils
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 
 .PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down clean
@@ -29,7 +29,9 @@ deps:
 $(STAMP): app/pyproject.toml tests/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e 'app[audio]' -r tests/requirements.txt
+	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e 'app[all]' -r tests/requirements.txt
 	touch $@
 
 venv: deps $(STAMP)
