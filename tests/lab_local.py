@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import REDIS_PASSWORD, SENTENCE, free_port  # noqa: E402
-from tests.integration.stack import API_KEY, Stack  # noqa: E402
+from tests.conftest import REDIS_PASSWORD, SENTENCE, free_port
+from tests.integration.stack import API_KEY, Stack
 
 
 def main() -> int:
@@ -27,10 +27,29 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="morag-lab-"))
     port = free_port()
     redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--requirepass", REDIS_PASSWORD, "--dir", str(root)], stdout=subprocess.DEVNULL)
-    stack = Stack(f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0", root, free_port(),
-                  fault_injection="false", heartbeat_ttl=5, rescue_grace=15)
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            REDIS_PASSWORD,
+            "--dir",
+            str(root),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    stack = Stack(
+        f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
+        root,
+        free_port(),
+        fault_injection="false",
+        heartbeat_ttl=5,
+        rescue_grace=15,
+    )
     try:
         time.sleep(0.3)
         stack.start_api()
@@ -60,7 +79,9 @@ def main() -> int:
         redis_proc.wait(10)
         if "job" not in locals() or job["status"] != "succeeded":
             for log in sorted(stack.logs.glob("*.log")):
-                print(f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-15:], sep="\n")
+                print(
+                    f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-15:], sep="\n"
+                )
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ def main(stages: list[str]) -> int:
         results.append((stage, time.monotonic() - started, ok))
         if not ok:
             break
-    skipped = stages[len(results):]
+    skipped = stages[len(results) :]
     width = max(len(s) for s in stages)
     print("\n" + "stage".ljust(width) + "   time      result")
     for stage, seconds, ok in results:

@@ -76,8 +76,9 @@ async def fire(base_url: str, url: str, *, gpu: bool, requests: int, concurrency
     latencies: list[float] = []
     queues: dict[str, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, headers={"X-API-Key": API_KEY},
-                                 limits=limits, timeout=900) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers={"X-API-Key": API_KEY}, limits=limits, timeout=900
+    ) as client:
         todo = iter(range(requests))
 
         async def one_client() -> None:
@@ -104,11 +105,16 @@ async def fire(base_url: str, url: str, *, gpu: bool, requests: int, concurrency
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--baseline-requests", type=int, default=64,
-                        help="the broadcast baseline is slow; fewer requests give its shape")
+    parser.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=64,
+        help="the broadcast baseline is slow; fewer requests give its shape",
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--inspect-timeout", type=float, default=1.0)
     args = parser.parse_args()
@@ -116,10 +122,29 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="morag-bench-"))
     port = free_port()
     redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--requirepass", REDIS_PASSWORD, "--dir", str(root)], stdout=subprocess.DEVNULL)
-    stack = Stack(f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0", root, free_port(),
-                  gpu_backlog_limit=10**9, fault_injection="false", heartbeat_ttl=5)
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            REDIS_PASSWORD,
+            "--dir",
+            str(root),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    stack = Stack(
+        f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
+        root,
+        free_port(),
+        gpu_backlog_limit=10**9,
+        fault_injection="false",
+        heartbeat_ttl=5,
+    )
     baseline = None
     try:
         time.sleep(0.3)
@@ -132,7 +157,9 @@ def main() -> int:
         base_port = free_port()
         baseline = subprocess.Popen(
             [sys.executable, "-c", BASELINE, str(base_port), str(args.inspect_timeout)],
-            env=stack.env, stdout=subprocess.DEVNULL)
+            env=stack.env,
+            stdout=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 httpx.get(f"http://127.0.0.1:{base_port}/health", timeout=1)
@@ -143,14 +170,14 @@ def main() -> int:
         def run(url: str, gpu: bool, n: int, warmup: bool = True) -> dict:
             if warmup:
                 asyncio.run(fire(url, target, gpu=gpu, requests=64, concurrency=args.concurrency))
-            return asyncio.run(fire(url, target, gpu=gpu, requests=n,
-                                    concurrency=args.concurrency))
+            return asyncio.run(fire(url, target, gpu=gpu, requests=n, concurrency=args.concurrency))
 
         rows = {
             "gpu=false (heartbeats)": run(stack.api_url, False, args.requests),
             "gpu=true (heartbeats)": run(stack.api_url, True, args.requests),
-            "gpu=true (inspect broadcast)": run(f"http://127.0.0.1:{base_port}", True,
-                                                args.baseline_requests, warmup=False),
+            "gpu=true (inspect broadcast)": run(
+                f"http://127.0.0.1:{base_port}", True, args.baseline_requests, warmup=False
+            ),
         }
     finally:
         if baseline is not None:
@@ -162,13 +189,19 @@ def main() -> int:
     print(f"\nsubmit latency, concurrency {args.concurrency}, POST /api/v1/ingest/url")
     print(f"{'variant':<30} {'requests':>8} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8}  queues")
     for name, r in rows.items():
-        print(f"{name:<30} {r['requests']:>8} {r['p50']:>9.2f} {r['p99']:>9.2f} "
-              f"{r['throughput']:>8.1f}  {r['queues']}")
+        print(
+            f"{name:<30} {r['requests']:>8} {r['p50']:>9.2f} {r['p99']:>9.2f} "
+            f"{r['throughput']:>8.1f}  {r['queues']}"
+        )
     cpu, gpu, cast = rows.values()
-    print(f"\ngpu routing overhead (p50, gpu=true vs gpu=false): "
-          f"{(gpu['p50'] / cpu['p50'] - 1) * 100:+.1f}%")
-    print(f"heartbeat routing vs inspect broadcast (p50): {cast['p50'] / gpu['p50']:.1f}x faster; "
-          f"throughput {gpu['throughput'] / cast['throughput']:.1f}x")
+    print(
+        f"\ngpu routing overhead (p50, gpu=true vs gpu=false): "
+        f"{(gpu['p50'] / cpu['p50'] - 1) * 100:+.1f}%"
+    )
+    print(
+        f"heartbeat routing vs inspect broadcast (p50): {cast['p50'] / gpu['p50']:.1f}x faster; "
+        f"throughput {gpu['throughput'] / cast['throughput']:.1f}x"
+    )
     return 0
 
 

@@ -20,15 +20,11 @@ def _dump_logs(stack: Stack) -> None:
 
 
 def _new_stack(redis_server: RedisServer, root: Path, **settings: Any) -> Stack:
-    return Stack(
-        redis_server.url(redis_server.fresh_db()), root, free_port(), **settings
-    )
+    return Stack(redis_server.url(redis_server.fresh_db()), root, free_port(), **settings)
 
 
 @pytest.fixture
-def make_stack(
-    redis_server: RedisServer, tmp_path: Path
-) -> Iterator[Callable[..., Stack]]:
+def make_stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
     def make(**settings: Any) -> Stack:
@@ -43,13 +39,9 @@ def make_stack(
 
 
 @pytest.fixture(scope="module")
-def stack(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API + one GPU-queue worker (gpu0) + one CPU worker (cpu0), shared by a module."""
-    s = _new_stack(
-        redis_server, tmp_path_factory.mktemp("stack"), max_upload_bytes=2_000_000
-    )
+    s = _new_stack(redis_server, tmp_path_factory.mktemp("stack"), max_upload_bytes=2_000_000)
     s.start_api()
     s.start_worker("gpu0@test", "gpu-tasks", wait=False)
     s.start_worker("cpu0@test", "celery", wait=False)

@@ -21,9 +21,7 @@ PPTX_SENTENCE = "Our bakery sells sourdough bread made with wild yeast."
 XLSX_WORD = "Pomegranate"
 PDF_SENTENCE = "Honeybees communicate the location of flowers through a waggle dance."
 PNG_TEXT = "INVOICE 4821 PAID"
-WEB_SENTENCE = (
-    "The volcano on the island erupted last century and covered the village in ash."
-)
+WEB_SENTENCE = "The volcano on the island erupted last century and covered the village in ash."
 VIDEO_SENTENCE = "The train to the mountains leaves at seven in the morning."
 
 FILLER = (
@@ -123,9 +121,7 @@ def png_file(dest: Path, text: str = PNG_TEXT) -> Path:
     from PIL import Image, ImageDraw, ImageFont
 
     img = Image.new("RGB", (900, 160), "white")
-    ImageDraw.Draw(img).text(
-        (30, 40), text, fill="black", font=ImageFont.load_default(size=64)
-    )
+    ImageDraw.Draw(img).text((30, 40), text, fill="black", font=ImageFont.load_default(size=64))
     img.save(dest)
     return dest
 

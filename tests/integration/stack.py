@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,9 +36,7 @@ class Stack:
     TTL = 1.5
     GRACE = 2.0
 
-    def __init__(
-        self, redis_url: str, root: Path, api_port: int, **settings: Any
-    ) -> None:
+    def __init__(self, redis_url: str, root: Path, api_port: int, **settings: Any) -> None:
         self.root = root
         self.shared = root / "shared"
         self.shared.mkdir(parents=True, exist_ok=True)
@@ -70,9 +69,7 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- processes ----------------------------------------------------------------------
-    def _spawn(
-        self, name: str, args: list[str], env: dict[str, str]
-    ) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name.replace('@', '_')}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "morag.cli", *args],
@@ -95,9 +92,7 @@ class Stack:
 
         wait_until(healthy, 30, "the API to answer /health")
 
-    def start_worker(
-        self, name: str, *queues: str, wait: bool = True, **settings: Any
-    ) -> None:
+    def start_worker(self, name: str, *queues: str, wait: bool = True, **settings: Any) -> None:
         env = dict(self.env)
         for key, value in settings.items():
             env[f"MORAG_{key.upper()}"] = str(value)
@@ -113,14 +108,10 @@ class Stack:
         return json.loads(raw) if raw else None
 
     def wait_live(self, name: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_until(
-            lambda: self.heartbeat(name), timeout, f"worker {name} heartbeat"
-        )
+        return wait_until(lambda: self.heartbeat(name), timeout, f"worker {name} heartbeat")
 
     def wait_gone(self, name: str, timeout: float = 10) -> None:
-        wait_until(
-            lambda: self.heartbeat(name) is None, timeout, f"worker {name} to vanish"
-        )
+        wait_until(lambda: self.heartbeat(name) is None, timeout, f"worker {name} to vanish")
 
     def kill(self, name: str) -> None:
         """SIGKILL the worker and its pool children, like a host that dies."""
@@ -145,10 +136,8 @@ class Stack:
     def close(self) -> None:
         for name in list(self.procs):
             proc = self.procs.pop(name)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(10)
         self.redis.flushdb()
 
@@ -157,16 +146,12 @@ class Stack:
         headers = {"X-API-Key": key} if key else {}
         return httpx.Client(base_url=self.api_url, headers=headers, timeout=60)
 
-    def ingest(
-        self, path: Path, *, gpu: bool, options: dict[str, Any] | None = None
-    ) -> dict:
+    def ingest(self, path: Path, *, gpu: bool, options: dict[str, Any] | None = None) -> dict:
         with self.client() as c, open(path, "rb") as f:
             data = {"gpu": str(gpu).lower()}
             if options is not None:
                 data["options"] = json.dumps(options)
-            resp = c.post(
-                "/api/v1/ingest/file", files={"file": (path.name, f)}, data=data
-            )
+            resp = c.post("/api/v1/ingest/file", files={"file": (path.name, f)}, data=data)
         assert resp.status_code == 202, resp.text
         return resp.json()
 

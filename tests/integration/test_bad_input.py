@@ -21,19 +21,13 @@ def test_empty_file_is_422(stack: Stack) -> None:
 
 
 def test_non_audio_file_is_415(stack: Stack) -> None:
-    resp = _post_file(
-        stack, "notes.wav", b"just some text pretending to be audio\n" * 10
-    )
+    resp = _post_file(stack, "notes.wav", b"just some text pretending to be audio\n" * 10)
     assert resp.status_code == 415
     assert "not a recognised format" in resp.json()["detail"]
-    assert not any((stack.shared / "uploads").iterdir()), (
-        "a refused upload must not stay"
-    )
+    assert not any((stack.shared / "uploads").iterdir()), "a refused upload must not stay"
 
 
-def test_corrupt_wav_fails_the_job_with_a_reason(
-    stack: Stack, speech_wav: Path
-) -> None:
+def test_corrupt_wav_fails_the_job_with_a_reason(stack: Stack, speech_wav: Path) -> None:
     corrupt = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 40
     resp = _post_file(stack, "corrupt.wav", corrupt, gpu="true")
     assert resp.status_code == 422
@@ -80,6 +74,17 @@ def test_every_route_but_health_needs_an_api_key(stack: Stack, key, status) -> N
         assert c.get("/ready").status_code == 200
 
 
+def test_openapi_schema_needs_the_key(stack: Stack) -> None:
+    with stack.client(None) as anonymous, stack.client() as c:
+        assert anonymous.get("/openapi.json").status_code == 401
+        assert anonymous.get("/docs").status_code == 401
+        schema = c.get("/openapi.json")
+        ui = c.get("/docs")
+    assert schema.status_code == 200
+    assert {"/process/file", "/api/v1/status/{task_id}"} <= set(schema.json()["paths"])
+    assert ui.status_code == 200 and "swagger" in ui.text.lower()
+
+
 def test_second_api_key_works(stack: Stack) -> None:
     with stack.client("second-key") as c:
         assert c.get("/api/v1/workers").status_code == 200
@@ -95,9 +100,7 @@ def test_gpu_flag_must_be_a_boolean(stack: Stack, speech_wav: Path, value: str) 
             data={"gpu": value},
             files={"file": ("speech.wav", speech_wav.read_bytes())},
         )
-        body = c.post(
-            "/api/v1/ingest/url", json={"url": "http://127.0.0.1/x.wav", "gpu": value}
-        )
+        body = c.post("/api/v1/ingest/url", json={"url": "http://127.0.0.1/x.wav", "gpu": value})
     assert form.status_code == 422 and body.status_code == 422
 
 
@@ -121,9 +124,7 @@ def test_refused_urls(stack: Stack) -> None:
     with stack.client() as c:
         scheme = c.post("/process/url", json={"url": "file:///etc/passwd"})
         private = c.post("/api/v1/ingest/url", json={"url": "http://10.1.2.3/a.wav"})
-        link_local = c.post(
-            "/api/v1/ingest/url", json={"url": "http://169.254.169.254/x.wav"}
-        )
+        link_local = c.post("/api/v1/ingest/url", json={"url": "http://169.254.169.254/x.wav"})
     assert scheme.status_code == 422 and "http and https" in scheme.json()["detail"]
     assert private.status_code == 422 and "private" in private.json()["detail"]
     assert link_local.status_code == 422
@@ -138,13 +139,9 @@ def test_file_route_needs_the_worker_token_and_takes_no_paths(
     file_id = next(p.name for p in (stack.shared / "uploads").iterdir())
     with stack.client(None) as c:
         no_token = c.get(f"/api/v1/files/{file_id}")
-        api_key_only = c.get(
-            f"/api/v1/files/{file_id}", headers={"X-API-Key": "test-api-key"}
-        )
+        api_key_only = c.get(f"/api/v1/files/{file_id}", headers={"X-API-Key": "test-api-key"})
         wrong = c.get(f"/api/v1/files/{file_id}", headers={"X-Worker-Token": "nope"})
-        good = c.get(
-            f"/api/v1/files/{file_id}", headers={"X-Worker-Token": WORKER_TOKEN}
-        )
+        good = c.get(f"/api/v1/files/{file_id}", headers={"X-Worker-Token": WORKER_TOKEN})
         traversal = [
             c.get(f"/api/v1/files/{p}", headers={"X-Worker-Token": WORKER_TOKEN})
             for p in ("..%2F..%2Fetc%2Fpasswd", "%2E%2E", "..", f"{file_id}.part")
@@ -152,15 +149,11 @@ def test_file_route_needs_the_worker_token_and_takes_no_paths(
     assert no_token.status_code == 401 and api_key_only.status_code == 401
     assert wrong.status_code == 403
     assert good.status_code == 200 and good.content == speech_wav.read_bytes()
-    assert all(r.status_code == 404 for r in traversal), [
-        r.status_code for r in traversal
-    ]
+    assert all(r.status_code == 404 for r in traversal), [r.status_code for r in traversal]
     assert stack.wait_job(accepted["task_id"])["status"] == "succeeded"
 
 
-def test_worker_without_the_share_downloads_over_http(
-    make_stack, speech_wav: Path, tmp_path
-):
+def test_worker_without_the_share_downloads_over_http(make_stack, speech_wav: Path, tmp_path):
     stack = make_stack()
     stack.start_api()
     stack.start_worker("gpu0@test", "gpu-tasks", shared_dir=tmp_path / "not-shared")

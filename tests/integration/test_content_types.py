@@ -30,9 +30,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "png": media.png_file(d / "invoice.png"),
         "html": media.html_page(d / "page.html"),
     }
-    (d / "big.html").write_text(
-        "<html><body>" + "<p>word</p>" * 20_000 + "</body></html>"
-    )
+    (d / "big.html").write_text("<html><body>" + "<p>word</p>" * 20_000 + "</body></html>")
     return made
 
 
@@ -43,9 +41,7 @@ def web(inputs: dict[str, Path]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("ctstack")
     s = Stack(
         redis_server.url(redis_server.fresh_db()),
@@ -103,9 +99,7 @@ GPU = pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "cpu"])
 def test_heartbeat_lists_every_processor(stack: Stack) -> None:
     beat = stack.heartbeat("gpu0@ct")
     assert beat is not None
-    assert {"audio", "video", "document", "image", "web", "youtube"} <= set(
-        beat["processors"]
-    )
+    assert {"audio", "video", "document", "image", "web", "youtube"} <= set(beat["processors"])
 
 
 @GPU
@@ -120,9 +114,7 @@ def test_video_is_transcribed(stack: Stack, inputs: dict[str, Path], gpu: bool) 
     assert result["segments"]
 
 
-def test_video_without_audio_fails_with_reason(
-    stack: Stack, inputs: dict[str, Path]
-) -> None:
+def test_video_without_audio_fails_with_reason(stack: Stack, inputs: dict[str, Path]) -> None:
     resp = _file(stack, inputs["silent"], True)
     assert resp.status_code == 422
     assert "no audio track" in resp.json()["detail"]
@@ -178,9 +170,7 @@ def test_media_url_through_yt_dlp(stack: Stack, web: str, gpu: bool) -> None:
     assert result["metadata"]["content_type"] == "youtube"
 
 
-def test_content_type_option_overrides_detection(
-    stack: Stack, inputs: dict[str, Path]
-) -> None:
+def test_content_type_option_overrides_detection(stack: Stack, inputs: dict[str, Path]) -> None:
     # An HTML file uploaded as a document; and the same bytes forced to "web" fail clearly.
     result = _ok(_file(stack, inputs["html"], False), False)
     assert media.WEB_SENTENCE in result["content"]
@@ -240,9 +230,7 @@ def test_unsupported_extension_is_415(stack: Stack, tmp_path: Path) -> None:
     assert resp.status_code == 415 and "unsupported" in resp.json()["detail"]
 
 
-def test_workers_keep_serving_after_bad_input(
-    stack: Stack, inputs: dict[str, Path]
-) -> None:
+def test_workers_keep_serving_after_bad_input(stack: Stack, inputs: dict[str, Path]) -> None:
     for gpu in (True, False):
         result = _ok(_file(stack, inputs["docx"], gpu), gpu)
         assert media.DOCX_SENTENCE in result["content"]

@@ -12,9 +12,7 @@ def _started(stack: Stack, stack_job: dict, worker: str) -> dict:
     return stack.wait_job(stack_job["task_id"], timeout=30, states=("running",))
 
 
-def test_sigkill_mid_job_redelivers_and_completes_once(
-    make_stack, speech_wav: Path
-) -> None:
+def test_sigkill_mid_job_redelivers_and_completes_once(make_stack, speech_wav: Path) -> None:
     stack = make_stack()
     stack.start_api()
     stack.start_worker("gpu0@test", "gpu-tasks", wait=False)
@@ -51,9 +49,7 @@ def test_job_that_kills_its_worker_every_time_fails_after_the_cap(
     assert ok["status"] == "succeeded"
 
 
-def test_gpu_out_of_memory_reruns_on_cpu_under_the_same_id(
-    make_stack, speech_wav: Path
-) -> None:
+def test_gpu_out_of_memory_reruns_on_cpu_under_the_same_id(make_stack, speech_wav: Path) -> None:
     stack = make_stack()
     stack.start_api()
     stack.start_worker("gpu0@test", "gpu-tasks", wait=False)
@@ -99,21 +95,14 @@ def test_queued_gpu_jobs_are_rescued_by_cpu_workers_and_given_back(
     for w in waiting:
         job = stack.wait_job(w["task_id"], timeout=stack.TTL + stack.GRACE + 30)
         assert job["status"] == "succeeded"
-        assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [
-            ("gpu-tasks", "cpu0@test")
-        ]
+        assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [("gpu-tasks", "cpu0@test")]
     assert stack.heartbeat("cpu0@test")["rescuing"] is True
     assert "gpu-tasks" in stack.heartbeat("cpu0@test")["consuming"]
     # The orphaned running job was redelivered too (the crash happened mid-job).
-    assert (
-        stack.wait_job(busy["task_id"], timeout=60)["attempts"][-1]["worker"]
-        == "cpu0@test"
-    )
+    assert stack.wait_job(busy["task_id"], timeout=60)["attempts"][-1]["worker"] == "cpu0@test"
     # A GPU worker comes back: the CPU worker hands gpu-tasks back, gpu=true goes there.
     stack.start_worker("gpu1@test", "gpu-tasks")
-    wait_until(
-        lambda: not stack.heartbeat("cpu0@test")["rescuing"], 15, "rescue to stop"
-    )
+    wait_until(lambda: not stack.heartbeat("cpu0@test")["rescuing"], 15, "rescue to stop")
     assert stack.heartbeat("cpu0@test")["consuming"] == ["celery"]
     again = stack.ingest(speech_wav, gpu=True)
     assert again["route"]["queue"] == "gpu-tasks"

@@ -38,9 +38,7 @@ def web(docs: dict[str, Path]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("ingeststack")
     s = Stack(
         redis_server.url(redis_server.fresh_db()),
@@ -67,17 +65,13 @@ def stack(
 
 def _search(stack: Stack, query: str, **extra: Any) -> list[dict[str, Any]]:
     with stack.client() as c:
-        resp = c.post(
-            "/api/v1/search", json={"query": query, "limit": 3, **extra}, timeout=90
-        )
+        resp = c.post("/api/v1/search", json={"query": query, "limit": 3, **extra}, timeout=90)
     assert resp.status_code == 200, resp.text
     return resp.json()["results"]
 
 
 @pytest.fixture(scope="module")
-def ingested(
-    stack: Stack, docs: dict[str, Path], web: str
-) -> dict[str, dict[str, Any]]:
+def ingested(stack: Stack, docs: dict[str, Path], web: str) -> dict[str, dict[str, Any]]:
     jobs = {}
     for i, name in enumerate(("docx", "pptx", "pdf")):
         with stack.client() as c, open(docs[name], "rb") as f:
@@ -165,9 +159,7 @@ def test_filter_and_delete_by_source(
     hits = _search(stack, "bees and flowers", filter={"content_type": "document"})
     assert hits[0]["source"] == "bees.pdf"
     with stack.client() as c:
-        resp = c.delete(
-            "/api/v1/search/source", params={"source": "bees.pdf"}, timeout=60
-        )
+        resp = c.delete("/api/v1/search/source", params={"source": "bees.pdf"}, timeout=60)
     assert resp.status_code == 200 and resp.json()["deleted"] >= 1
     assert all(h["source"] != "bees.pdf" for h in _search(stack, "bees waggle dance"))
 

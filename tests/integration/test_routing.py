@@ -17,9 +17,7 @@ from tests.integration.stack import Stack
 
 def _process_file(stack: Stack, path: Path, gpu: str) -> dict:
     with stack.client() as c, open(path, "rb") as f:
-        resp = c.post(
-            "/process/file", params={"gpu": gpu}, files={"file": (path.name, f)}
-        )
+        resp = c.post("/process/file", params={"gpu": gpu}, files={"file": (path.name, f)})
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -30,20 +28,14 @@ def test_gpu_true_runs_on_the_gpu_worker(stack: Stack, speech_wav: Path) -> None
     assert body["route"]["gpu_requested"] is True
     assert "gpu0@test" in body["route"]["reason"]
     result = body["result"]
-    assert (
-        "report" in result["content"].lower() and "friday" in result["content"].lower()
-    )
+    assert "report" in result["content"].lower() and "friday" in result["content"].lower()
     assert result["segments"] and result["segments"][0]["end"] > 0
     meta = result["metadata"]
-    assert (
-        meta["device"] == "cpu" and meta["model"] == "tiny.en" and meta["duration"] > 1
-    )
+    assert meta["device"] == "cpu" and meta["model"] == "tiny.en" and meta["duration"] > 1
     assert meta["language"] == "en"
     job = stack.job(body["task_id"])
     assert job["status"] == "succeeded"
-    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [
-        ("gpu-tasks", "gpu0@test")
-    ]
+    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [("gpu-tasks", "gpu0@test")]
 
 
 def test_gpu_false_runs_on_the_cpu_worker(stack: Stack, speech_wav: Path) -> None:
@@ -54,9 +46,7 @@ def test_gpu_false_runs_on_the_cpu_worker(stack: Stack, speech_wav: Path) -> Non
         "reason": "gpu not requested",
     }
     job = stack.job(body["task_id"])
-    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [
-        ("celery", "cpu0@test")
-    ]
+    assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [("celery", "cpu0@test")]
 
 
 def test_ingest_records_the_route_on_the_job(stack: Stack, speech_wav: Path) -> None:
@@ -71,9 +61,7 @@ def test_ingest_records_the_route_on_the_job(stack: Stack, speech_wav: Path) -> 
 
 @pytest.fixture
 def media_server(speech_wav: Path) -> Iterator[str]:
-    handler = partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(speech_wav.parent)
-    )
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(speech_wav.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -46,9 +46,7 @@ def test_file_ids_cannot_become_other_paths(bad: str, tmp_path: Path) -> None:
 
 
 def test_store_upload_hashes_and_caps(tmp_path: Path) -> None:
-    stored = files.store_upload(
-        io.BytesIO(b"abc" * 10), tmp_path, "a" * 32, max_bytes=100
-    )
+    stored = files.store_upload(io.BytesIO(b"abc" * 10), tmp_path, "a" * 32, max_bytes=100)
     assert stored.size == 30 and stored.head == (b"abc" * 10)
     assert stored.sha256 == files.sha256_of(tmp_path / ("a" * 32))
     with pytest.raises(files.UploadTooLarge):

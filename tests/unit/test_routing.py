@@ -7,14 +7,10 @@ from morag.routing import FleetSnapshot, WorkerView, decide_rescue, decide_route
 
 GPU = WorkerView("gpu0@a", ("gpu-tasks",), ("audio",), device="cuda")
 CPU = WorkerView("cpu0@s", ("celery",), ("audio", "document"))
-RESCUER = WorkerView(
-    "cpu1@s", ("celery",), ("audio",)
-)  # rescuing: configured queues only
+RESCUER = WorkerView("cpu1@s", ("celery",), ("audio",))  # rescuing: configured queues only
 
 
-def route(
-    gpu: bool, fleet: FleetSnapshot, content_type: str = "audio", limit: int = 10
-):
+def route(gpu: bool, fleet: FleetSnapshot, content_type: str = "audio", limit: int = 10):
     return decide_route(
         gpu_requested=gpu,
         content_type=content_type,
@@ -47,9 +43,7 @@ def test_gpu_worker_that_cannot_process_the_type() -> None:
     assert r.queue == "celery" and "can process document" in r.reason
 
 
-@pytest.mark.parametrize(
-    "backlog,queue", [(9, "gpu-tasks"), (10, "celery"), (50, "celery")]
-)
+@pytest.mark.parametrize("backlog,queue", [(9, "gpu-tasks"), (10, "celery"), (50, "celery")])
 def test_gpu_backlog_bound(backlog: int, queue: str) -> None:
     r = route(True, FleetSnapshot((GPU,), {"gpu-tasks": backlog}), limit=10)
     assert r.queue == queue

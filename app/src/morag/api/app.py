@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from morag import __version__
-from morag.api.routers import files, health, ingest, process, search, status, workers
+from morag.api.routers import docs, files, health, ingest, process, search, status, workers
 from morag.config import Settings, get_settings
 from morag.submission import build_services
 
@@ -41,12 +41,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Media and document processing on CPU and remote GPU workers.",
         lifespan=lifespan,
+        # Served by the docs router, behind the API key.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
         return JSONResponse({"detail": f"Redis unavailable: {type(exc).__name__}"}, 503)
 
-    for module in (health, process, ingest, status, workers, files, search):
+    for module in (health, process, ingest, status, workers, files, search, docs):
         app.include_router(module.router)
     return app
