@@ -8,8 +8,6 @@ Needs a redis-server binary (started here on a free loopback port).
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from tests.conftest import REDIS_PASSWORD, SENTENCE, free_port, speak
+from tests.conftest import SENTENCE, speak
 from tests.integration import media
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, standalone_stack
 
 
 def _time_file(stack: Stack, path: Path, runs: int) -> tuple[float, dict]:
@@ -49,22 +47,15 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="morag-bench-"))
-    port = free_port()
-    redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            REDIS_PASSWORD,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    with tempfile.TemporaryDirectory(prefix="morag-bench-media-") as tmp:
+        rows = run_all(Path(tmp), args.runs)
+    print(f"\n{'content type':<24}{'s/job':>8}  notes")
+    for name, seconds, extra in rows:
+        print(f"{name:<24}{seconds:>8.2f}  {extra}")
+    return 0
+
+
+def run_all(root: Path, runs: int) -> list[tuple[str, float, str]]:
     d = root / "media"
     d.mkdir()
     long_text = "\n\n".join(f"## Part {i}\n\n" + media.FILLER * 6 for i in range(60))
@@ -76,17 +67,9 @@ def main() -> int:
         "document (pdf)": media.pdf_file(d / "bees.pdf"),
         "image": media.png_file(d / "invoice.png"),
     }
-    time.sleep(0.3)
-    stack = Stack(
-        f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
-        root / "stack",
-        free_port(),
-        qdrant_path=root / "qdrant",
-        store_ingested="true",
-        process_wait=300,
-    )
+    settings = {"qdrant_path": root / "qdrant", "store_ingested": "true", "process_wait": 300}
     rows = []
-    try:
+    with standalone_stack("morag-bench-", **settings) as stack:
         stack.start_api()
         stack.start_worker("cpu0@bench", "celery", wait=False)
         stack.start_worker("store@bench", "morag-store", wait=False)
@@ -94,7 +77,7 @@ def main() -> int:
         stack.wait_live("store@bench")
         for name, path in inputs.items():
             _time_file(stack, path, 1)  # warm-up: models load once per worker
-            seconds, body = _time_file(stack, path, args.runs)
+            seconds, body = _time_file(stack, path, runs)
             extra = ""
             if name in ("audio", "video"):
                 duration = body["result"]["metadata"]["duration"]
@@ -103,12 +86,12 @@ def main() -> int:
         with media.http_server(d) as web:
             media.html_page(d / "page.html")
             _time_url(stack, f"{web}/page.html", 1)
-            rows.append(("web", _time_url(stack, f"{web}/page.html", args.runs), ""))
+            rows.append(("web", _time_url(stack, f"{web}/page.html", runs), ""))
             _time_url(stack, f"{web}/speech.mp4", 1)
             rows.append(
                 (
                     "youtube (yt-dlp)",
-                    _time_url(stack, f"{web}/speech.mp4", args.runs),
+                    _time_url(stack, f"{web}/speech.mp4", runs),
                     "",
                 )
             )
@@ -128,14 +111,7 @@ def main() -> int:
                         f"{chunks / total:.1f} chunks/s end to end",
                     )
                 )
-    finally:
-        stack.close()
-        redis.terminate()
-        shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{'content type':<24}{'s/job':>8}  notes")
-    for name, seconds, extra in rows:
-        print(f"{name:<24}{seconds:>8.2f}  {extra}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

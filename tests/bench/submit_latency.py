@@ -16,7 +16,6 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import REDIS_PASSWORD, free_port  # noqa: E402
-from tests.integration.stack import API_KEY, Stack  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.integration.stack import API_KEY, standalone_stack  # noqa: E402
 
 BASELINE = '''
 import sys
@@ -119,72 +118,49 @@ def main() -> int:
     parser.add_argument("--inspect-timeout", type=float, default=1.0)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="morag-bench-"))
-    port = free_port()
-    redis_proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            REDIS_PASSWORD,
-            "--dir",
-            str(root),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    stack = Stack(
-        f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
-        root,
-        free_port(),
-        gpu_backlog_limit=10**9,
-        fault_injection="false",
-        heartbeat_ttl=5,
-    )
-    baseline = None
-    try:
-        time.sleep(0.3)
+    settings = {"gpu_backlog_limit": 10**9, "fault_injection": "false", "heartbeat_ttl": 5}
+    with standalone_stack("morag-bench-", **settings) as stack:
         stack.start_api()
         stack.start_worker("gpu0@bench", "gpu-tasks", wait=False)
         stack.start_worker("cpu0@bench", "celery")
         stack.wait_live("gpu0@bench")
-        # A .wav URL nobody serves: jobs are accepted, routed, and fail fast on the workers.
-        target = f"http://127.0.0.1:{free_port()}/missing.wav"
-        base_port = free_port()
-        baseline = subprocess.Popen(
-            [sys.executable, "-c", BASELINE, str(base_port), str(args.inspect_timeout)],
-            env=stack.env,
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{base_port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        baseline = None
+        try:
+            # A .wav URL nobody serves: jobs are accepted, routed, and fail fast on the workers.
+            target = f"http://127.0.0.1:{free_port()}/missing.wav"
+            base_port = free_port()
+            baseline = subprocess.Popen(
+                [sys.executable, "-c", BASELINE, str(base_port), str(args.inspect_timeout)],
+                env=stack.env,
+                stdout=subprocess.DEVNULL,
+            )
+            for _ in range(100):
+                try:
+                    httpx.get(f"http://127.0.0.1:{base_port}/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
 
-        def run(url: str, gpu: bool, n: int, warmup: bool = True) -> dict:
-            if warmup:
-                asyncio.run(fire(url, target, gpu=gpu, requests=64, concurrency=args.concurrency))
-            return asyncio.run(fire(url, target, gpu=gpu, requests=n, concurrency=args.concurrency))
+            def run(url: str, gpu: bool, n: int, warmup: bool = True) -> dict:
+                if warmup:
+                    asyncio.run(
+                        fire(url, target, gpu=gpu, requests=64, concurrency=args.concurrency)
+                    )
+                return asyncio.run(
+                    fire(url, target, gpu=gpu, requests=n, concurrency=args.concurrency)
+                )
 
-        rows = {
-            "gpu=false (heartbeats)": run(stack.api_url, False, args.requests),
-            "gpu=true (heartbeats)": run(stack.api_url, True, args.requests),
-            "gpu=true (inspect broadcast)": run(
-                f"http://127.0.0.1:{base_port}", True, args.baseline_requests, warmup=False
-            ),
-        }
-    finally:
-        if baseline is not None:
-            baseline.kill()
-            baseline.wait(10)
-        stack.close()
-        redis_proc.terminate()
+            rows = {
+                "gpu=false (heartbeats)": run(stack.api_url, False, args.requests),
+                "gpu=true (heartbeats)": run(stack.api_url, True, args.requests),
+                "gpu=true (inspect broadcast)": run(
+                    f"http://127.0.0.1:{base_port}", True, args.baseline_requests, warmup=False
+                ),
+            }
+        finally:
+            if baseline is not None:
+                baseline.kill()
+                baseline.wait(10)
 
     print(f"\nsubmit latency, concurrency {args.concurrency}, POST /api/v1/ingest/url")
     print(f"{'variant':<30} {'requests':>8} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8}  queues")

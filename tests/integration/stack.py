@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +176,20 @@ class Stack:
             f"job {task_id} to reach {states}",
             interval=0.2,
         )
+
+
+@contextlib.contextmanager
+def standalone_stack(prefix: str, **settings: Any) -> Iterator[Stack]:
+    """Redis and a Stack in a temporary directory, outside pytest (lab, benchmarks)."""
+    from tests.conftest import free_port, running_redis
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with running_redis(root) as server:
+            stack = Stack(server.url(0), root, free_port(), **settings)
+            try:
+                yield stack
+            finally:
+                stack.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
