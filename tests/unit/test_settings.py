@@ -70,3 +70,13 @@ def test_nothing_connects_at_import() -> None:
 
     importlib.reload(morag.worker)
     assert morag.worker._runtime is None
+
+
+def test_every_setting_is_documented() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    missing = [
+        f"MORAG_{n.upper()}" for n in Settings.model_fields if f"MORAG_{n.upper()}" not in doc
+    ]
+    assert missing == [], f"document these in docs/configuration.md: {missing}"

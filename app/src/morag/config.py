@@ -82,9 +82,6 @@ class Settings(BaseSettings):
     process_wait: float = Field(default=30.0, ge=0)
     job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
 
-    # Worker identity (set by ``morag worker``)
-    worker_name: str = ""
-
     # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.
     fault_injection: bool = False
 
