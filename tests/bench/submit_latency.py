@@ -71,9 +71,28 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 '''
 
 
-async def fire(base_url: str, url: str, *, gpu: bool, requests: int, concurrency: int):
-    latencies: list[float] = []
-    queues: dict[str, int] = {}
+class Sample:
+    """Latencies and routes of one variant, gathered over one or more rounds."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+        self.queues: dict[str, int] = {}
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        return {
+            "p50": statistics.median(lat) * 1000,
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+            "throughput": len(lat) / self.elapsed,
+            "requests": len(lat),
+            "queues": self.queues,
+        }
+
+
+async def fire(
+    base_url: str, url: str, *, gpu: bool, requests: int, concurrency: int, into: Sample
+) -> None:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=base_url, headers={"X-API-Key": API_KEY}, limits=limits, timeout=900
@@ -84,23 +103,15 @@ async def fire(base_url: str, url: str, *, gpu: bool, requests: int, concurrency
             for _ in todo:
                 started = time.perf_counter()
                 resp = await client.post("/api/v1/ingest/url", json={"url": url, "gpu": gpu})
-                latencies.append(time.perf_counter() - started)
+                into.latencies.append(time.perf_counter() - started)
                 if resp.status_code != 202:
                     raise SystemExit(f"submission failed: {resp.status_code} {resp.text}")
                 queue = resp.json()["route"]["queue"]
-                queues[queue] = queues.get(queue, 0) + 1
+                into.queues[queue] = into.queues.get(queue, 0) + 1
 
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "p50": statistics.median(latencies) * 1000,
-        "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-        "throughput": len(latencies) / elapsed,
-        "requests": len(latencies),
-        "queues": queues,
-    }
+        into.elapsed += time.perf_counter() - started
 
 
 def main() -> int:
@@ -115,6 +126,7 @@ def main() -> int:
         help="the broadcast baseline is slow; fewer requests give its shape",
     )
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds per variant")
     parser.add_argument("--inspect-timeout", type=float, default=1.0)
     args = parser.parse_args()
 
@@ -141,21 +153,25 @@ def main() -> int:
                 except httpx.HTTPError:
                     time.sleep(0.1)
 
-            def run(url: str, gpu: bool, n: int, warmup: bool = True) -> dict:
-                if warmup:
-                    asyncio.run(
-                        fire(url, target, gpu=gpu, requests=64, concurrency=args.concurrency)
-                    )
-                return asyncio.run(
-                    fire(url, target, gpu=gpu, requests=n, concurrency=args.concurrency)
-                )
+            def burst(url: str, gpu: bool, n: int, into: Sample) -> None:
+                c = args.concurrency
+                asyncio.run(fire(url, target, gpu=gpu, requests=n, concurrency=c, into=into))
 
+            # Warm up, then alternate gpu=false and gpu=true in rounds so both see the same
+            # background (workers draining earlier jobs, a growing Redis).
+            burst(stack.api_url, False, 64, Sample())
+            burst(stack.api_url, True, 64, Sample())
+            cpu, gpu = Sample(), Sample()
+            per_round = max(1, args.requests // args.rounds)
+            for _ in range(args.rounds):
+                burst(stack.api_url, False, per_round, cpu)
+                burst(stack.api_url, True, per_round, gpu)
+            cast = Sample()
+            burst(f"http://127.0.0.1:{base_port}", True, args.baseline_requests, cast)
             rows = {
-                "gpu=false (heartbeats)": run(stack.api_url, False, args.requests),
-                "gpu=true (heartbeats)": run(stack.api_url, True, args.requests),
-                "gpu=true (inspect broadcast)": run(
-                    f"http://127.0.0.1:{base_port}", True, args.baseline_requests, warmup=False
-                ),
+                "gpu=false (heartbeats)": cpu.summary(),
+                "gpu=true (heartbeats)": gpu.summary(),
+                "gpu=true (inspect broadcast)": cast.summary(),
             }
         finally:
             if baseline is not None:
