@@ -11,11 +11,14 @@ APT_PACKAGES := python3-venv python3-dev gcc redis-server ffmpeg espeak-ng sox \
                 tesseract-ocr tesseract-ocr-eng docker.io debootstrap libnfs-utils
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 
-.PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down clean
+.PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down lab-local \
+        docker images wheelhouse molecule clean
 
 help:
 	@echo "make lab       bring up the local lab and run the main job (gpu=true audio)"
 	@echo "make lab-down  remove the lab"
+	@echo "make lab-local the same job on local processes, without containers"
+	@echo "make molecule  every molecule scenario (roles, then the multi-host site), timed"
 	@echo "make test      install everything and run lint, unit, integration and molecule stages"
 	@echo "make bench     run the benchmarks in tests/bench (not part of make test)"
 
@@ -57,16 +60,44 @@ integration: venv
 	$(PY) -m pytest tests/integration -q
 
 test: venv
-	$(PY) tests/stages.py lint unit integration
+	$(PY) tests/stages.py lint unit integration molecule
 
 bench: venv
 	$(PY) tests/bench/submit_latency.py
 
-lab: venv
-	$(PY) tests/lab_local.py
+# dockerd: started by systemd where it runs, otherwise in the background (CI, containers).
+docker: deps
+	@if ! docker info >/dev/null 2>&1; then \
+	  if [ -d /run/systemd/system ]; then systemctl start docker; \
+	  else echo "starting dockerd in the background (log: /var/log/dockerd.log)"; \
+	    setsid dockerd >/var/log/dockerd.log 2>&1 </dev/null & \
+	  fi; \
+	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	  docker info >/dev/null 2>&1 || { echo "dockerd did not start, see /var/log/dockerd.log"; exit 1; }; \
+	fi
+
+# Test images (debootstrap + docker import, rebuilt only when their recipe changes).
+images: docker
+	molecule/images/build.sh
+
+# The app and its dependencies as wheels, for installs without PyPI in the containers.
+wheelhouse: venv
+	molecule/images/wheelhouse.sh
+
+molecule: venv docker
+	$(PY) molecule/run.py
+
+# The container lab: provisioned by site.yml with inventory/lab; API on 127.0.0.1:8080.
+lab: venv docker
+	molecule/images/build.sh 12
+	molecule/images/wheelhouse.sh
+	$(PY) tests/lab/lab.py up
 
 lab-down:
-	@echo "the local lab stops itself when its job is done"
+	$(PY) tests/lab/lab.py down
+
+lab-local: venv
+	$(PY) tests/lab_local.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

