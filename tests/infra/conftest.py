@@ -40,6 +40,14 @@ class Facts:
             self.vars = {}
         self.groups = set(self.vars.get("group_names", []))
 
+    def var(self, name: str, default=None):
+        """An inventory variable, or `default` when unset or still a template (the inventory
+        is read without templating, so `{{ ... }}` values are unknown here)."""
+        value = self.vars.get(name, default)
+        if isinstance(value, str) and "{{" in value:
+            return default
+        return value
+
     @property
     def is_server(self) -> bool:
         return "server" in self.groups

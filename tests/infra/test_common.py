@@ -5,8 +5,8 @@ def test_service_account_fixed_ids(facts):
     user = facts.host.user("morag")
     assert user.exists
     assert (user.uid, user.gid) == (
-        facts.vars.get("morag_app_uid", 2300),
-        facts.vars.get("morag_app_gid", 2300),
+        facts.var("morag_app_uid", 2300),
+        facts.var("morag_app_gid", 2300),
     )
 
 

@@ -10,22 +10,52 @@ def test_services_enabled_and_active(server, unit):
     assert svc.is_running
 
 
+def _ganesha(server) -> bool:
+    return server.host.file("/etc/ganesha/ganesha.conf").contains("MoRAG")
+
+
 def test_nfs_server_enabled_and_active(server):
-    impl = server.vars.get("nfs_server_implementation", "kernel")
-    unit = "nfs-ganesha" if impl == "ganesha" else "nfs-server"
-    svc = server.host.service(unit)
+    svc = server.host.service("nfs-ganesha" if _ganesha(server) else "nfs-server")
     assert svc.is_enabled
     assert svc.is_running
 
 
+def _export_paths(server) -> list[str]:
+    if _ganesha(server):
+        conf = server.host.file("/etc/ganesha/ganesha.conf").content_string
+        return [
+            line.split("=", 1)[1].strip().rstrip(";").strip().strip('"')
+            for line in conf.splitlines()
+            if line.strip().startswith("Path")
+        ]
+    exports = server.host.file("/etc/exports.d/morag.exports").content_string
+    return [
+        line.split()[0]
+        for line in exports.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
 def test_export_directory(server):
-    path = server.vars.get("nfs_server_export_path", "/srv/morag/shared")
-    d = server.host.file(path)
-    assert d.is_directory
-    assert (d.uid, d.gid) == (
-        server.vars.get("morag_app_uid", 2300),
-        server.vars.get("morag_app_gid", 2300),
-    )
+    paths = _export_paths(server)
+    assert paths, "no MoRAG export configured"
+    ids = (server.var("morag_app_uid", 2300), server.var("morag_app_gid", 2300))
+    for path in paths:
+        d = server.host.file(path)
+        assert d.is_directory
+        assert (d.uid, d.gid) == ids
+
+
+def test_export_restricted_and_root_squashed(server):
+    if _ganesha(server):
+        conf = server.host.file("/etc/ganesha/ganesha.conf").content_string
+        assert "Access_Type = None;" in conf
+        assert "Root_Squash" in conf
+        assert "Clients = *" not in conf
+    else:
+        exports = server.host.file("/etc/exports.d/morag.exports").content_string
+        assert "no_root_squash" not in exports
+        assert "*(" not in exports
 
 
 def test_redis_persistence_and_policy(server):
@@ -36,7 +66,7 @@ def test_redis_persistence_and_policy(server):
 
 
 def test_api_health_and_auth(server):
-    port = server.vars.get("morag_api_port", 8000)
+    port = server.var("morag_api_port", 8000)
     out = server.host.run(
         'python3 -c "import urllib.request as u\n'
         "def get(p):\n"

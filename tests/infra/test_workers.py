@@ -11,7 +11,7 @@ def test_worker_instances_exist(facts):
         pytest.skip("no worker on this host")
     if (
         facts.is_gpu_worker
-        and facts.vars.get("morag_worker_cpu_fallback") is False
+        and not facts.var("morag_worker_cpu_fallback", False)
         and not facts.worker_instances()
     ):
         pytest.skip("GPU host without GPU and without CPU fallback")
@@ -75,7 +75,8 @@ def test_heartbeats_present(facts):
 
 
 def test_share_configured(worker):
-    mount_point = worker.vars.get("nfs_client_mount_point", "/var/lib/morag/shared")
+    # The app's shared directory is what must be the NFS mount.
+    mount_point = worker.env().get("MORAG_SHARED_DIR") or worker.var("nfs_client_mount_point")
     fstab = [
         line.split()
         for line in worker.host.file("/etc/fstab").content_string.splitlines()
@@ -84,7 +85,7 @@ def test_share_configured(worker):
     entries = [f for f in fstab if len(f) > 2 and f[1] == mount_point]
     assert entries, f"no fstab entry for {mount_point}"
     assert entries[0][2] in ("nfs", "nfs4")
-    if worker.vars.get("nfs_client_mount_state", "mounted") == "mounted":
+    if worker.var("nfs_client_mount_state", "mounted") == "mounted":
         assert worker.host.mount_point(mount_point).exists, f"{mount_point} is not mounted"
 
 
@@ -96,7 +97,7 @@ def test_nvidia_smi(gpu_worker):
         pytest.skip(f"no usable GPU here (nvidia-smi: {(out.stdout + out.stderr).strip()[:120]})")
     gpus = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(gpus) >= 1
-    branch = gpu_worker.vars.get("nvidia_driver_branch")
+    branch = gpu_worker.var("nvidia_driver_branch")
     if branch:
         assert all(g.split(",")[2].strip().startswith(str(branch)) for g in gpus)
 
