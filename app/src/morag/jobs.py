@@ -352,7 +352,9 @@ class JobStore:
         """
 
         def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != RUNNING or holder != owner:
+            # A job handed to the store worker is running without a lease on purpose; the
+            # watchdog may have listed it a moment before the hand-over.
+            if record["status"] != RUNNING or holder != owner or record.get("storing"):
                 return None
             _close_open_attempt(record, error)
             record["status"] = QUEUED
