@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,29 @@ def make_stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[.
         stack.close()
 
 
+@contextlib.contextmanager
+def running_stack(
+    redis_server: RedisServer, root: Path, workers: dict[str, str], **settings: Any
+) -> Iterator[Stack]:
+    """The API and the given workers (name -> queue), live; logs shown when it ends."""
+    s = _new_stack(redis_server, root, **settings)
+    try:
+        s.start_api()
+        for name, queue in workers.items():
+            s.start_worker(name, queue, wait=False)
+        for name in workers:
+            s.wait_live(name)
+        yield s
+    finally:
+        _dump_logs(s)
+        s.close()
+
+
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API + one GPU-queue worker (gpu0) + one CPU worker (cpu0), shared by a module."""
-    s = _new_stack(redis_server, tmp_path_factory.mktemp("stack"), max_upload_bytes=2_000_000)
-    s.start_api()
-    s.start_worker("gpu0@test", "gpu-tasks", wait=False)
-    s.start_worker("cpu0@test", "celery", wait=False)
-    s.wait_live("gpu0@test")
-    s.wait_live("cpu0@test")
-    yield s
-    _dump_logs(s)
-    s.close()
+    workers = {"gpu0@test": "gpu-tasks", "cpu0@test": "celery"}
+    with running_stack(
+        redis_server, tmp_path_factory.mktemp("stack"), workers, max_upload_bytes=2_000_000
+    ) as s:
+        yield s

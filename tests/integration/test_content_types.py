@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.integration import media
-from tests.integration.conftest import _dump_logs
+from tests.integration.conftest import running_stack
 from tests.integration.stack import Stack
 
 WEB_MAX_BYTES = 100_000
@@ -42,22 +42,12 @@ def web(inputs: dict[str, Path]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workers = {"gpu0@ct": "gpu-tasks", "cpu0@ct": "celery"}
     root = tmp_path_factory.mktemp("ctstack")
-    s = Stack(
-        redis_server.url(redis_server.fresh_db()),
-        root,
-        free_port(),
-        web_max_bytes=WEB_MAX_BYTES,
-        process_wait=90,
-    )
-    s.start_api()
-    s.start_worker("gpu0@ct", "gpu-tasks", wait=False)
-    s.start_worker("cpu0@ct", "celery", wait=False)
-    s.wait_live("gpu0@ct")
-    s.wait_live("cpu0@ct")
-    yield s
-    _dump_logs(s)
-    s.close()
+    with running_stack(
+        redis_server, root, workers, web_max_bytes=WEB_MAX_BYTES, process_wait=90
+    ) as s:
+        yield s
 
 
 def _file(stack: Stack, path: Path, gpu: bool, options: str | None = None) -> Any:

@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 import pytest
 from morag.webhooks import SIGNATURE_HEADER, verify
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.integration import media
-from tests.integration.conftest import _dump_logs
+from tests.integration.conftest import running_stack
 from tests.integration.stack import Stack, wait_until
 
 SECRET = "test-webhook-secret"
@@ -40,27 +40,18 @@ def web(docs: dict[str, Path]) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("ingeststack")
-    s = Stack(
-        redis_server.url(redis_server.fresh_db()),
-        root,
-        free_port(),
-        qdrant_path=root / "qdrant",
-        chunk_size=400,
-        chunk_overlap=60,
-        webhook_secret=SECRET,
-        webhook_backoff=0.2,
-        webhook_retries=3,
-        store_ingested="true",
-    )
-    s.start_api()
-    s.start_worker("gpu0@in", "gpu-tasks", wait=False)
-    s.start_worker("cpu0@in", "celery", wait=False)
-    s.start_worker("store@in", "morag-store", wait=False)
-    for name in ("gpu0@in", "cpu0@in", "store@in"):
-        s.wait_live(name)
-    yield s
-    _dump_logs(s)
-    s.close()
+    workers = {"gpu0@in": "gpu-tasks", "cpu0@in": "celery", "store@in": "morag-store"}
+    settings = {
+        "qdrant_path": root / "qdrant",
+        "chunk_size": 400,
+        "chunk_overlap": 60,
+        "webhook_secret": SECRET,
+        "webhook_backoff": 0.2,
+        "webhook_retries": 3,
+        "store_ingested": "true",
+    }
+    with running_stack(redis_server, root, workers, **settings) as s:
+        yield s
 
 
 def _search(stack: Stack, query: str, **extra: Any) -> list[dict[str, Any]]:
