@@ -30,10 +30,7 @@ def main() -> int:
     settings = {"fault_injection": "false", "heartbeat_ttl": 5, "rescue_grace": 15}
     with standalone_stack("morag-lab-", **settings) as stack:
         try:
-            stack.start_api()
-            stack.start_worker("gpu0@lab", "gpu-tasks", wait=False)
-            stack.start_worker("cpu0@lab", "celery")
-            stack.wait_live("gpu0@lab")
+            stack.start({"gpu0@lab": "gpu-tasks", "cpu0@lab": "celery"})
             wav = stack.root / "speech.wav"
             subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True)
             print(f"API {stack.api_url} (X-API-Key: {API_KEY}); workers gpu0@lab, cpu0@lab")

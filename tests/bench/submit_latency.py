@@ -132,10 +132,7 @@ def main() -> int:
 
     settings = {"gpu_backlog_limit": 10**9, "fault_injection": "false", "heartbeat_ttl": 5}
     with standalone_stack("morag-bench-", **settings) as stack:
-        stack.start_api()
-        stack.start_worker("gpu0@bench", "gpu-tasks", wait=False)
-        stack.start_worker("cpu0@bench", "celery")
-        stack.wait_live("gpu0@bench")
+        stack.start({"gpu0@bench": "gpu-tasks", "cpu0@bench": "celery"})
         baseline = None
         try:
             # A .wav URL nobody serves: jobs are accepted, routed, and fail fast on the workers.

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RedisServer, free_port
-from tests.integration.stack import Stack
+from tests.integration.stack import FLEET, Stack
 
 
 def _dump_logs(stack: Stack) -> None:
@@ -46,11 +46,7 @@ def running_stack(
     """The API and the given workers (name -> queue), live; logs shown when it ends."""
     s = _new_stack(redis_server, root, **settings)
     try:
-        s.start_api()
-        for name, queue in workers.items():
-            s.start_worker(name, queue, wait=False)
-        for name in workers:
-            s.wait_live(name)
+        s.start(workers)
         yield s
     finally:
         _dump_logs(s)
@@ -60,8 +56,7 @@ def running_stack(
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API + one GPU-queue worker (gpu0) + one CPU worker (cpu0), shared by a module."""
-    workers = {"gpu0@test": "gpu-tasks", "cpu0@test": "celery"}
     with running_stack(
-        redis_server, tmp_path_factory.mktemp("stack"), workers, max_upload_bytes=2_000_000
+        redis_server, tmp_path_factory.mktemp("stack"), FLEET, max_upload_bytes=2_000_000
     ) as s:
         yield s

@@ -19,6 +19,8 @@ import httpx
 import redis
 
 API_KEY = "test-api-key"
+# The usual test fleet: one worker on the GPU queue (running on CPU), one on the CPU queue.
+FLEET = {"gpu0@test": "gpu-tasks", "cpu0@test": "celery"}
 WORKER_TOKEN = "test-worker-token"
 
 
@@ -104,6 +106,14 @@ class Stack:
             args += ["--queue", q]
         self._spawn(name, args, env)
         if wait:
+            self.wait_live(name)
+
+    def start(self, workers: dict[str, str]) -> None:
+        """The API and the given workers (name -> queue), started in parallel, all live."""
+        self.start_api()
+        for name, queue in workers.items():
+            self.start_worker(name, queue, wait=False)
+        for name in workers:
             self.wait_live(name)
 
     def heartbeat(self, name: str) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.stack import Stack, wait_until
+from tests.integration.stack import FLEET, Stack, wait_until
 
 
 def _started(stack: Stack, stack_job: dict, worker: str) -> dict:
@@ -14,10 +14,7 @@ def _started(stack: Stack, stack_job: dict, worker: str) -> dict:
 
 def test_sigkill_mid_job_redelivers_and_completes_once(make_stack, speech_wav: Path) -> None:
     stack = make_stack()
-    stack.start_api()
-    stack.start_worker("gpu0@test", "gpu-tasks", wait=False)
-    stack.start_worker("cpu0@test", "celery")
-    stack.wait_live("gpu0@test")
+    stack.start(FLEET)
     accepted = stack.ingest(speech_wav, gpu=True, options={"fault": "slow:4"})
     assert accepted["route"]["queue"] == "gpu-tasks"
     running = _started(stack, accepted, "gpu0@test")
@@ -51,10 +48,7 @@ def test_job_that_kills_its_worker_every_time_fails_after_the_cap(
 
 def test_gpu_out_of_memory_reruns_on_cpu_under_the_same_id(make_stack, speech_wav: Path) -> None:
     stack = make_stack()
-    stack.start_api()
-    stack.start_worker("gpu0@test", "gpu-tasks", wait=False)
-    stack.start_worker("cpu0@test", "celery")
-    stack.wait_live("gpu0@test")
+    stack.start(FLEET)
     with stack.client() as c, open(speech_wav, "rb") as f:
         resp = c.post(
             "/process/file",
@@ -81,10 +75,7 @@ def test_queued_gpu_jobs_are_rescued_by_cpu_workers_and_given_back(
     make_stack, speech_wav: Path
 ) -> None:
     stack = make_stack()
-    stack.start_api()
-    stack.start_worker("gpu0@test", "gpu-tasks", wait=False)
-    stack.start_worker("cpu0@test", "celery")
-    stack.wait_live("gpu0@test")
+    stack.start(FLEET)
     busy = stack.ingest(speech_wav, gpu=True, options={"fault": "slow:5"})
     _started(stack, busy, "gpu0@test")
     waiting = [stack.ingest(speech_wav, gpu=True) for _ in range(2)]

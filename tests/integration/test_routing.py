@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import Stack
+from tests.integration.stack import FLEET, Stack
 
 
 def _process_file(stack: Stack, path: Path, gpu: str) -> dict:
@@ -135,10 +135,7 @@ def test_gpu_worker_death_switches_routing_within_one_ttl(
     make_stack, speech_wav: Path, how: str
 ) -> None:
     stack = make_stack()
-    stack.start_api()
-    stack.start_worker("gpu0@test", "gpu-tasks", wait=False)
-    stack.start_worker("cpu0@test", "celery")
-    stack.wait_live("gpu0@test")
+    stack.start(FLEET)
     assert _route_for(stack, speech_wav) == "gpu-tasks"
     if how == "sigkill":
         stack.kill("gpu0@test")
