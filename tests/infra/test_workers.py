@@ -28,12 +28,32 @@ def test_instances_enabled_and_active(facts):
         assert svc.is_running, f"morag-worker@{index} not running"
 
 
+def gpu_instances(host_facts) -> list[str]:
+    return [
+        index
+        for index in host_facts.worker_instances()
+        if "gpu-tasks"
+        in host_facts.env(f"/etc/morag/worker-{index}.env").get("MORAG_WORKER_QUEUE_ARGS", "")
+    ]
+
+
 def test_gpu_instances_pinned(gpu_worker):
-    for index in gpu_worker.worker_instances():
+    """Each GPU instance is bound to one GPU: by UUID where nvidia-smi answers (indexes can
+    reorder across boots), by PCI-order index only while the driver does not answer yet."""
+    smi = gpu_worker.host.run("nvidia-smi --query-gpu=uuid --format=csv,noheader")
+    uuids = [u.strip() for u in smi.stdout.splitlines() if u.strip()] if smi.rc == 0 else []
+    bound = []
+    for index in gpu_instances(gpu_worker):
         env = gpu_worker.env(f"/etc/morag/worker-{index}.env")
-        if "gpu-tasks" not in env.get("MORAG_WORKER_QUEUE_ARGS", ""):
-            continue  # a CPU fallback instance on a host without GPU
-        assert env.get("CUDA_VISIBLE_DEVICES") == index
+        visible = env.get("CUDA_VISIBLE_DEVICES", "")
+        assert env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+        if uuids:
+            assert visible.startswith(("GPU-", "MIG-")), f"worker-{index} bound by index: {visible}"
+            if visible.startswith("GPU-"):
+                assert visible in uuids
+        else:
+            assert visible == index.split("-")[0]
+        bound.append(visible)
         pid = gpu_worker.host.check_output(
             f"systemctl show -p MainPID --value morag-worker@{index}"
         )
@@ -41,7 +61,51 @@ def test_gpu_instances_pinned(gpu_worker):
             environ = gpu_worker.host.check_output(
                 f"tr '\\0' '\\n' < /proc/{pid}/environ"
             ).splitlines()
-        assert f"CUDA_VISIBLE_DEVICES={index}" in environ
+        assert f"CUDA_VISIBLE_DEVICES={visible}" in environ
+    assert len(bound) == len(set(bound)), f"two instances share a GPU: {bound}"
+
+
+def test_gpu_workers_start_after_the_gpu_is_ready(gpu_worker):
+    """Where the driver role installed the device-node unit, GPU instances require it (and
+    Fabric Manager where it is installed: NVSwitch boards)."""
+    instances = gpu_instances(gpu_worker)
+    if not instances:
+        pytest.skip("no GPU instance on this host")
+    if not gpu_worker.host.file("/etc/systemd/system/nvidia-devices.service").exists:
+        pytest.skip("the driver role did not run here")
+    wanted = ["nvidia-devices.service"]
+    if gpu_worker.host.run("systemctl cat nvidia-fabricmanager.service").rc == 0:
+        wanted.append("nvidia-fabricmanager.service")
+    for index in instances:
+        show = dict(
+            line.split("=", 1)
+            for line in gpu_worker.host.check_output(
+                f"systemctl show -p Requires -p After morag-worker@{index}.service"
+            ).splitlines()
+        )
+        for unit in wanted:
+            assert unit in show["Requires"].split(), f"morag-worker@{index} lacks Requires={unit}"
+            assert unit in show["After"].split(), f"morag-worker@{index} lacks After={unit}"
+
+
+def test_worker_units_verify(facts):
+    instances = facts.worker_instances()
+    if not instances:
+        pytest.skip("no worker instance on this host")
+    with facts.host.sudo():
+        out = facts.host.run(f"systemd-analyze verify morag-worker@{instances[0]}.service")
+    assert out.rc == 0, out.stdout + out.stderr
+
+
+def test_persistence_mode(gpu_worker):
+    dropin = gpu_worker.host.file(
+        "/etc/systemd/system/nvidia-persistenced.service.d/persistence-mode.conf"
+    )
+    if not dropin.exists:
+        pytest.skip("the driver role did not run here")
+    exec_start = gpu_worker.host.check_output("systemctl show -p ExecStart nvidia-persistenced")
+    assert "--persistence-mode" in exec_start
+    assert "--no-persistence-mode" not in exec_start
 
 
 def test_cpu_instances_not_on_a_gpu(facts):

@@ -1,6 +1,7 @@
 """morag_worker in gpu mode: one instance per GPU, pinned, consuming gpu-tasks, beating."""
 
 import json
+import shlex
 import time
 
 import pytest
@@ -19,7 +20,9 @@ def test_instance_enabled_and_running(host, index):
 def test_instance_pinned_to_its_gpu(host, index):
     with host.sudo():
         env = host.file(f"/etc/morag/worker-{index}.env").content_string
+    # No nvidia-smi in the container: bound by PCI-order index until the driver answers.
     assert f"CUDA_VISIBLE_DEVICES={index}" in env.replace('"', "")
+    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in env.replace('"', "")
     assert "--queue gpu-tasks" in env
     pid = host.check_output(f"systemctl show -p MainPID --value morag-worker@{index}")
     with host.sudo():
@@ -53,3 +56,66 @@ def test_heartbeat_in_redis(host, index):
             return
         time.sleep(1)
     pytest.fail(f"no heartbeat morag:worker:{name}")
+
+
+def wait_for_state(host, unit, wanted, timeout=60):
+    state = ""
+    for _ in range(timeout):
+        state = host.check_output(f"systemctl show -p ActiveState --value {unit}")
+        if state in wanted:
+            return state
+        time.sleep(1)
+    return state
+
+
+def test_cuda_worker_without_gpu_fails_its_unit_with_the_reason(host):
+    """MORAG_DEVICE=cuda on a host where CUDA cannot run: exit 78, unit failed, no restart loop."""
+    unit = "morag-worker@cudatest"
+    with host.sudo():
+        env = host.file("/etc/morag/worker-0.env").content_string
+        env = env.replace("gpu0@", "cudatest@").replace('MORAG_DEVICE="auto"', "")
+        env += "\nMORAG_DEVICE=cuda\n"
+        host.run(f"printf '%s' {shlex.quote(env)} > /etc/morag/worker-cudatest.env")
+        try:
+            host.run(f"systemctl reset-failed {unit}; systemctl start {unit}")
+            assert wait_for_state(host, unit, {"failed"}) == "failed"
+            show = host.check_output(f"systemctl show -p ExecMainStatus -p NRestarts {unit}")
+            assert "ExecMainStatus=78" in show
+            assert "NRestarts=0" in show, show  # RestartPreventExitStatus=78: no loop
+            journal = host.check_output(f"journalctl -u {unit} --no-pager -o cat")
+            assert "MORAG_DEVICE=cuda" in journal
+            assert "GPU" in journal or "nvidia-smi" in journal
+        finally:
+            host.run(f"systemctl stop {unit}; systemctl reset-failed {unit}")
+            host.run("rm -f /etc/morag/worker-cudatest.env")
+
+
+def test_worker_units_require_the_share(host):
+    unit = host.check_output("systemctl cat morag-worker@0")
+    assert "RequiresMountsFor=/srv/moragshare" in unit
+    assert "RestartPreventExitStatus=78" in unit
+    assert host.mount_point("/srv/moragshare").exists  # pulled in by the running workers
+
+
+def test_worker_does_not_start_without_the_share(host):
+    with host.sudo():
+        host.run("systemctl stop morag-worker@1")
+        host.run("systemctl stop srv-moragshare.mount")
+        host.run("systemctl mask --runtime srv-moragshare.mount")
+        try:
+            started = host.run("systemctl start morag-worker@1")
+            assert started.rc != 0
+            assert not host.service("morag-worker@1").is_running
+            assert not host.mount_point("/srv/moragshare").exists
+        finally:
+            host.run("systemctl unmask --runtime srv-moragshare.mount")
+            host.run("systemctl reset-failed morag-worker@1")
+            host.run("systemctl start morag-worker@1")
+        assert wait_for_state(host, "morag-worker@1", {"active"}) == "active"
+        assert host.mount_point("/srv/moragshare").exists
+
+
+def test_units_pass_systemd_analyze_verify(host):
+    with host.sudo():
+        out = host.run("systemd-analyze verify morag-worker@0.service")
+    assert out.rc == 0, out.stdout + out.stderr

@@ -24,7 +24,16 @@ def test_fstab_entry(host):
     assert source == "morag-server.example.test:/morag"
     assert fstype == "nfs"
     opts = options.split(",")
-    for wanted in ("proto=tcp", "hard", "_netdev", "nosuid", "nodev", "vers=4.2"):
+    for wanted in (
+        "proto=tcp",
+        "hard",
+        "_netdev",
+        "nosuid",
+        "nodev",
+        "vers=4.2",
+        "nofail",
+        "x-systemd.mount-timeout=60",
+    ):
         assert wanted in opts
 
 

@@ -82,6 +82,30 @@ def test_facts_on_gpu_host(gpu_host):
     assert f["gpu_count"] == 1
     assert f["usable"] is False  # nvidia-smi fails without a GPU: "no usable GPU", no crash
     assert f["reboot_required"] is False
+    assert f["worker_units"] == ["nvidia-devices.service"]  # no NVSwitch: no Fabric Manager
+
+
+def test_persistenced_runs_in_persistence_mode(gpu_host):
+    """The packaged unit passes --no-persistence-mode; the role's drop-in replaces it."""
+    exec_start = gpu_host.check_output("systemctl show -p ExecStart nvidia-persistenced")
+    assert "--persistence-mode" in exec_start
+    assert "--no-persistence-mode" not in exec_start
+    assert "--user nvidia-persistenced" in exec_start
+
+
+def test_device_node_unit(gpu_host):
+    unit = gpu_host.service("nvidia-devices")
+    assert unit.is_enabled
+    text = gpu_host.check_output("systemctl cat nvidia-devices.service")
+    assert "ConditionVirtualization=!container" in text  # skipped here: no kernel module
+    script = gpu_host.file("/usr/local/sbin/nvidia-device-nodes")
+    assert script.mode == 0o755
+    assert "modprobe nvidia_uvm" in script.content_string
+    with gpu_host.sudo():
+        verify = gpu_host.run("systemd-analyze verify nvidia-devices.service")
+    assert verify.rc == 0, verify.stdout + verify.stderr
+    # Container mode: no module to load at boot.
+    assert not gpu_host.file("/etc/modules-load.d/nvidia-uvm.conf").exists
 
 
 def test_host_without_gpu_is_skipped(no_gpu_host):
@@ -92,3 +116,4 @@ def test_host_without_gpu_is_skipped(no_gpu_host):
     for name in PACKAGES:
         assert not no_gpu_host.package(name).is_installed
     assert not no_gpu_host.file("/etc/modprobe.d/blacklist-nouveau.conf").exists
+    assert f["worker_units"] == []
