@@ -373,6 +373,7 @@ def render(item: dict, extra_env: dict | None = None) -> str:
         item=item,
         ansible_managed="Ansible managed",
         morag_worker_extra_env=extra_env or {},
+        morag_worker_cuda_cache_dir="/var/lib/morag/cuda-cache",
     )
 
 

@@ -119,3 +119,18 @@ def test_units_pass_systemd_analyze_verify(host):
     with host.sudo():
         out = host.run("systemd-analyze verify morag-worker@0.service")
     assert out.rc == 0, out.stdout + out.stderr
+
+
+def test_installed_app_names_its_cuda_libraries(host):
+    """cuda_runtime installs what this prints (the app's table for its pinned CTranslate2)."""
+    out = host.check_output("/opt/morag/venv/bin/python -m morag.gpu_stack --json")
+    stack = json.loads(out)
+    assert stack["cuda_major"] == 12
+    assert any(w.startswith("nvidia-cublas-cu12==") for w in stack["wheels"])
+    assert "libcublas.so.12" in stack["libraries"]
+
+
+def test_gpu_instances_keep_a_cuda_cache(host):
+    with host.sudo():
+        env = host.file("/etc/morag/worker-0.env").content_string
+    assert 'CUDA_CACHE_PATH="/var/lib/morag/cuda-cache"' in env
