@@ -17,11 +17,13 @@ from typing import Any
 
 import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "test-api-key"
 # The usual test fleet: one worker on the GPU queue (running on CPU), one on the CPU queue.
 FLEET = {"gpu0@test": "gpu-tasks", "cpu0@test": "celery"}
 WORKER_TOKEN = "test-worker-token"
+METRICS_TOKEN = "test-metrics-token"
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -55,6 +57,7 @@ class Stack:
             "MORAG_REDIS_URL": redis_url,
             "MORAG_API_KEYS": f"{API_KEY},second-key",
             "MORAG_WORKER_TOKEN": WORKER_TOKEN,
+            "MORAG_METRICS_TOKEN": METRICS_TOKEN,
             "MORAG_API_URL": self.api_url,
             "MORAG_SHARED_DIR": str(self.shared),
             "MORAG_WORK_DIR": str(root / "work"),
@@ -168,6 +171,16 @@ class Stack:
         assert resp.status_code == 202, resp.text
         return resp.json()
 
+    def scrape(self) -> Scrape:
+        """GET /metrics with the metrics token, parsed."""
+        resp = httpx.get(
+            f"{self.api_url}/metrics",
+            headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        return Scrape(resp.text)
+
     def job(self, task_id: str) -> dict[str, Any]:
         with self.client() as c:
             resp = c.get(f"/api/v1/status/{task_id}")
@@ -186,6 +199,39 @@ class Stack:
             f"job {task_id} to reach {states}",
             interval=0.2,
         )
+
+
+class Scrape:
+    """One /metrics answer: samples by name and labels, and the declared families."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = [s for f in self.families.values() for s in f.samples]
+
+    def names(self) -> set[str]:
+        """Every series name the endpoint declares (histograms with their suffixes)."""
+        names = set()
+        for family in self.families.values():
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            elif family.type == "histogram":
+                names.update(family.name + s for s in ("_bucket", "_sum", "_count"))
+            else:
+                names.add(family.name)
+        return names
+
+    def series(self, name: str, **labels: str) -> list[Any]:
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sum of the samples of ``name`` whose labels include ``labels``; None if none."""
+        found = self.series(name, **labels)
+        return sum(s.value for s in found) if found else None
 
 
 @contextlib.contextmanager

@@ -26,7 +26,12 @@ def test_sigkill_mid_job_redelivers_and_completes_once(make_stack, speech_wav: P
     assert "lost" in job["attempts"][0]["error"]
     assert job["attempts"][1]["error"] is None
     assert job["route"]["queue"] == "celery" and "lost" in job["route"]["reason"]
+    assert job["route"]["code"] == "worker_lost"
     assert "report" in job["result"]["content"].lower()
+    m = stack.scrape()
+    assert m.value("morag_orphan_requeues_total", queue="celery") == 1
+    assert m.value("morag_route_decisions_total", code="worker_lost", queue="celery") == 1
+    assert m.value("morag_gpu_fallbacks_total", code="worker_lost", content_type="audio") == 1
 
 
 def test_job_that_kills_its_worker_every_time_fails_after_the_cap(
@@ -40,6 +45,9 @@ def test_job_that_kills_its_worker_every_time_fails_after_the_cap(
     assert job["status"] == "failed"
     assert "gave up after 2 deliveries" in job["error"]
     assert len(job["attempts"]) == 2
+    m = stack.scrape()
+    assert m.value("morag_redeliveries_total", content_type="audio") >= 1
+    assert m.value("morag_jobs_finished_total", state="failed", content_type="audio") == 1
     # The worker survived its children dying and still serves.
     assert stack.alive("cpu0@test")
     ok = stack.wait_job(stack.ingest(speech_wav, gpu=False)["task_id"])
@@ -68,6 +76,7 @@ def test_gpu_out_of_memory_reruns_on_cpu_under_the_same_id(make_stack, speech_wa
     ]
     assert job["route"]["queue"] == "celery"
     assert "GPU failure on gpu0@test" in job["route"]["reason"]
+    assert job["route"]["code"] == "gpu_failure"
     assert job["result"]["metadata"]["device"] == "cpu"
 
 
@@ -87,7 +96,13 @@ def test_queued_gpu_jobs_are_rescued_by_cpu_workers_and_given_back(
         job = stack.wait_job(w["task_id"], timeout=stack.TTL + stack.GRACE + 30)
         assert job["status"] == "succeeded"
         assert [(a["queue"], a["worker"]) for a in job["attempts"]] == [("gpu-tasks", "cpu0@test")]
+        assert job["route"]["code"] == "rescued" and job["route"]["queue"] == "gpu-tasks"
     assert stack.heartbeat("cpu0@test")["rescuing"] is True
+    m = stack.scrape()
+    assert m.value("morag_gpu_fallbacks_total", code="rescued", content_type="audio") >= 2
+    assert m.value("morag_route_decisions_total", code="rescued", queue="gpu-tasks") >= 2
+    assert m.value("morag_workers", queue="gpu-tasks") == 0
+    assert m.value("morag_queue_consumers", queue="gpu-tasks") == 1  # the rescuing CPU worker
     assert "gpu-tasks" in stack.heartbeat("cpu0@test")["consuming"]
     # The orphaned running job was redelivered too (the crash happened mid-job).
     assert stack.wait_job(busy["task_id"], timeout=60)["attempts"][-1]["worker"] == "cpu0@test"

@@ -193,6 +193,11 @@ def test_webhook_is_signed_and_retried(stack: Stack, docs: dict[str, Path]) -> N
         server.shutdown()
     body, signature = _Receiver.calls[-1]
     assert verify(body, SECRET, signature)
+    # The store worker counted the failed POST and the delivered one.
+    wait_until(lambda: stack.scrape().value("morag_webhooks_delivered_total") >= 1, 10, "the count")
+    m = stack.scrape()
+    assert m.value("morag_webhook_failures_total", outcome="retrying") >= 1
+    assert m.value("morag_queue_consumers", queue="morag-store") == 1
     payload = json.loads(body)
     assert payload["task_id"] == task_id and payload["status"] == "succeeded"
     assert payload["result"]["metadata"]["stored"] is True

@@ -27,6 +27,7 @@ def test_gpu_true_runs_on_the_gpu_worker(stack: Stack, speech_wav: Path) -> None
     assert body["route"]["queue"] == "gpu-tasks"
     assert body["route"]["gpu_requested"] is True
     assert "gpu0@test" in body["route"]["reason"]
+    assert body["route"]["code"] == "gpu_worker"
     result = body["result"]
     assert "report" in result["content"].lower() and "friday" in result["content"].lower()
     assert result["segments"] and result["segments"][0]["end"] > 0
@@ -43,6 +44,7 @@ def test_gpu_false_runs_on_the_cpu_worker(stack: Stack, speech_wav: Path) -> Non
     assert body["route"] == {
         "queue": "celery",
         "gpu_requested": False,
+        "code": "not_requested",
         "reason": "gpu not requested",
     }
     job = stack.job(body["task_id"])
@@ -122,6 +124,7 @@ def test_no_gpu_worker_ever_started_routes_to_cpu(make_stack, speech_wav: Path) 
     assert body["route"]["queue"] == "celery"
     assert body["route"]["gpu_requested"] is True
     assert "no live GPU worker" in body["route"]["reason"]
+    assert body["route"]["code"] == "no_gpu_worker"
     assert "report" in body["result"]["content"].lower()
 
 

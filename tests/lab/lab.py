@@ -215,7 +215,8 @@ def describe(job: dict) -> str:
     return "\n".join(
         [
             f"status:        {job['status']}",
-            f"route:         {job['route']['queue']} ({job['route']['reason']})",
+            f"route:         {job['route']['queue']} [{job['route'].get('code')}]"
+            f" ({job['route']['reason']})",
             f"ran on:        {attempt.get('worker')} via {attempt.get('queue')}"
             f" ({attempt.get('device')})",
             f"file transfer: {meta.get('file_transfer')}",
@@ -247,18 +248,44 @@ def check(job: dict, queue: str, worker_prefix: str) -> None:
     assert "report" in job["result"]["content"].lower(), job["result"]["content"]
 
 
+def prometheus(expr: str) -> float | None:
+    """The sum of a query's values in the lab's Prometheus (in the server container,
+    installed by morag_monitoring on 127.0.0.1:9090); None when it does not answer."""
+    code = (
+        "import sys, urllib.parse as p, urllib.request as u\n"
+        "url = 'http://127.0.0.1:9090/api/v1/query?query=' + p.quote(sys.argv[1])\n"
+        "print(u.urlopen(url, timeout=10).read().decode())"
+    )
+    out = docker("exec", SERVER, "python3", "-c", code, expr, check=False)
+    if out.returncode != 0:
+        return None
+    result = json.loads(out.stdout)["data"]["result"]
+    return sum(float(r["value"][1]) for r in result)
+
+
 def failover() -> int:
     log("1. gpu=true with GPU workers alive -> gpu-tasks on a GPU-worker container")
     wait_for(lambda: len(gpu_consumers()) == 2, 120, "both GPU workers")
     job = run_job(gpu=True)
     check(job, "gpu-tasks", "gpu")
     assert job["attempts"][-1]["worker"].split("@")[1] in GPU_WORKERS
+    assert job["route"]["code"] == "gpu_worker", job["route"]
+    query = 'sum(morag_workers{queue="gpu-tasks"})'
+    wait_for(lambda: prometheus(query) == len(GPU_WORKERS), 60, f"Prometheus: {query} == 2")
+    log(f"   Prometheus: {query} = {prometheus(query):.0f}")
     log("2. docker stop both GPU workers -> gpu=true runs on a CPU worker")
+    fallbacks = 'sum(morag_gpu_fallbacks_total{code="no_gpu_worker"})'
+    before = prometheus(fallbacks) or 0.0
     for name in GPU_WORKERS:
         docker("stop", name)
     wait_for(lambda: not gpu_consumers(), 60, "the GPU heartbeats to expire")
     job = run_job(gpu=True)
     check(job, "celery", "cpu")
+    assert job["route"]["code"] == "no_gpu_worker", job["route"]
+    wait_for(
+        lambda: (prometheus(fallbacks) or 0.0) > before, 60, f"Prometheus: {fallbacks} to grow"
+    )
+    log(f"   Prometheus: {fallbacks} = {prometheus(fallbacks):.0f} (was {before:.0f})")
     log("3. docker start them again -> gpu=true goes back to gpu-tasks")
     for name in GPU_WORKERS:
         docker("start", name)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from morag.routing import FleetSnapshot, WorkerView, decide_rescue, decide_route
+from morag.routing import (
+    ROUTE_CODES,
+    FleetSnapshot,
+    WorkerView,
+    decide_rescue,
+    decide_route,
+    gpu_failure_route,
+    is_gpu_fallback,
+    rescued_route,
+)
 
 GPU = WorkerView("gpu0@a", ("gpu-tasks",), ("audio",), device="cuda")
 CPU = WorkerView("cpu0@s", ("celery",), ("audio", "document"))
@@ -21,9 +30,10 @@ def route(gpu: bool, fleet: FleetSnapshot, content_type: str = "audio", limit: i
 
 def test_cpu_requested_always_goes_to_celery() -> None:
     r = route(False, FleetSnapshot((GPU, CPU)))
-    assert (r.queue, r.gpu_requested, r.reason) == (
+    assert (r.queue, r.gpu_requested, r.code, r.reason) == (
         "celery",
         False,
+        "not_requested",
         "gpu not requested",
     )
 
@@ -31,16 +41,19 @@ def test_cpu_requested_always_goes_to_celery() -> None:
 def test_gpu_requested_with_a_live_capable_worker() -> None:
     r = route(True, FleetSnapshot((GPU, CPU)))
     assert r.queue == "gpu-tasks" and r.gpu_requested and "gpu0@a" in r.reason
+    assert r.code == "gpu_worker"
 
 
 def test_gpu_requested_without_gpu_workers_falls_back() -> None:
     r = route(True, FleetSnapshot((CPU, RESCUER)))
     assert r.queue == "celery" and r.gpu_requested and "no live GPU worker" in r.reason
+    assert r.code == "no_gpu_worker"
 
 
 def test_gpu_worker_that_cannot_process_the_type() -> None:
     r = route(True, FleetSnapshot((GPU, CPU)), content_type="document")
     assert r.queue == "celery" and "can process document" in r.reason
+    assert r.code == "no_capable_gpu"
 
 
 @pytest.mark.parametrize("backlog,queue", [(9, "gpu-tasks"), (10, "celery"), (50, "celery")])
@@ -48,15 +61,32 @@ def test_gpu_backlog_bound(backlog: int, queue: str) -> None:
     r = route(True, FleetSnapshot((GPU,), {"gpu-tasks": backlog}), limit=10)
     assert r.queue == queue
     if queue == "celery":
-        assert "backlog" in r.reason
+        assert "backlog" in r.reason and r.code == "backlog"
+    else:
+        assert r.code == "gpu_worker"
 
 
 def test_route_as_dict_is_the_http_contract() -> None:
     assert route(False, FleetSnapshot()).as_dict() == {
         "queue": "celery",
         "gpu_requested": False,
+        "code": "not_requested",
         "reason": "gpu not requested",
     }
+
+
+def test_rerouting_codes_and_what_counts_as_a_gpu_fallback() -> None:
+    failed = gpu_failure_route(gpu_requested=True, worker="gpu0@a", error="CUDA OOM")
+    assert (failed.queue, failed.code) == ("celery", "gpu_failure")
+    assert "GPU failure on gpu0@a: CUDA OOM" in failed.reason
+    rescued = rescued_route(gpu_requested=True, worker="cpu0@s")
+    assert (rescued.queue, rescued.code) == ("gpu-tasks", "rescued")
+    assert is_gpu_fallback(failed.as_dict()) and is_gpu_fallback(rescued.as_dict())
+    assert not is_gpu_fallback(route(True, FleetSnapshot((GPU,))).as_dict())
+    assert not is_gpu_fallback(route(False, FleetSnapshot()).as_dict())
+    assert is_gpu_fallback(route(True, FleetSnapshot((CPU,))).as_dict())
+    codes = {failed.code, rescued.code, "worker_lost"}
+    assert codes <= set(ROUTE_CODES) and len(set(ROUTE_CODES)) == len(ROUTE_CODES)
 
 
 @pytest.mark.parametrize(

@@ -84,9 +84,11 @@ def worker(
             f"declared queues: {', '.join(DECLARED_QUEUES)}"
         )
         raise typer.Exit(2)
-    _settings()
-    from morag.worker import celery_app
+    settings = _settings()
+    from morag.worker import celery_app, require_device
 
+    # Before Celery starts (and connects): MORAG_DEVICE=cuda without usable CUDA exits 78.
+    require_device(settings)
     kind = "gpu" if GPU_QUEUE in queue else "store" if queue == [STORE_QUEUE] else "cpu"
     node = name or f"{kind}@%h"
     celery_app.worker_main(
@@ -106,6 +108,18 @@ def worker(
             "--without-mingle",
         ]
     )
+
+
+@app.command("gpu-stack")
+def gpu_stack(
+    as_json: bool = typer.Option(False, "--json", help="print the row as JSON"),
+    ctranslate2: str | None = typer.Option(None, help="another version than the installed one"),
+) -> None:
+    """The CUDA libraries, pip wheels and driver branch the installed CTranslate2 needs."""
+    from morag.gpu_stack import main as gpu_stack_main
+
+    args = (["--json"] if as_json else []) + (["--ctranslate2", ctranslate2] if ctranslate2 else [])
+    raise typer.Exit(gpu_stack_main(args))
 
 
 def _client(api_url: str, api_key: str | None) -> httpx.Client:
@@ -139,10 +153,7 @@ def submit(
         _fail_on(resp)
         job = resp.json()
         if not as_json:
-            console.print(
-                f"job [bold]{job['task_id']}[/bold] -> {job['route']['queue']} "
-                f"({job['route']['reason']})"
-            )
+            console.print(f"job [bold]{job['task_id']}[/bold] -> {_route_text(job['route'])}")
         if not wait:
             if as_json:
                 console.print_json(json.dumps(job))
@@ -176,9 +187,15 @@ def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> dict[str, Any
             time.sleep(0.2)
 
 
+def _route_text(route: dict[str, Any]) -> str:
+    """``queue [code] (reason)``; the code is the stable, machine-readable part."""
+    code = route.get("code")
+    return f"{route['queue']} " + (f"\\[{code}] " if code else "") + f"({route['reason']})"
+
+
 def _print_job(job: dict[str, Any]) -> None:
     console.print(f"[bold]{job['task_id']}[/bold]: {job['status']}")
-    console.print(f"route: {job['route']['queue']} ({job['route']['reason']})")
+    console.print(f"route: {_route_text(job['route'])}")
     for a in job.get("attempts", []):
         console.print(
             f"  attempt on {a['queue']} by {a['worker']} ({a['device']})"

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     worker_token: SecretStr | None = None
+    # Bearer token Prometheus sends to GET /metrics; unset: /metrics answers 404.
+    metrics_token: SecretStr | None = None
     api_url: str = "http://127.0.0.1:8000"
 
     # Files
@@ -77,6 +79,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=3 * 3600, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     max_tasks_per_child: int = Field(default=50, ge=1)
+    # Celery task events (worker_send_task_events, task_send_sent_event) for Flower or
+    # celery-exporter; MoRAG's own metrics do not need them.
+    celery_events: bool = False
 
     # API
     process_wait: float = Field(default=30.0, ge=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,11 +12,12 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from morag import files, urls
+from morag import files, fleet, urls
 from morag.config import CPU_QUEUE, GPU_QUEUE
 from morag.jobs import TERMINAL, Record
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
+from morag.routing import gpu_failure_route, rescued_route
 from morag.webhooks import notify_end
 from morag.worker import Runtime, enqueue, enqueue_store
 
@@ -40,6 +42,17 @@ def owner_is_dead(holder: str, my_worker: str) -> bool:
     return name == my_worker and pid.isdigit() and not _pid_alive(int(pid))
 
 
+def _rescue_route(rt: Runtime, queue: str, worker: str) -> dict[str, Any] | None:
+    """A job taken from gpu-tasks by a worker not configured for it (its heartbeat's
+    ``queues``) is a rescue. Only gpu=true jobs are ever routed to gpu-tasks."""
+    if queue != GPU_QUEUE:
+        return None
+    raw = rt.redis.get(fleet.heartbeat_key(worker))
+    if not raw or GPU_QUEUE in json.loads(raw).get("queues", []):
+        return None
+    return rescued_route(gpu_requested=True, worker=worker).as_dict()
+
+
 def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     owner = f"{worker}/{os.getpid()}"
     device = rt.device.device
@@ -49,6 +62,7 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
         attempt={"queue": queue, "worker": worker, "device": device},
         max_deliveries=rt.settings.max_deliveries,
         owner_is_dead=lambda holder: owner_is_dead(holder, worker),
+        route=_rescue_route(rt, queue, worker),
     )
     if not claim.run:
         log.info("job %s not run here: %s", task_id, claim.reason)
@@ -109,13 +123,10 @@ def _fall_back_to_cpu(
     rt: Runtime, record: Record, owner: str, worker: str, exc: BaseException
 ) -> None:
     task_id = record["task_id"]
-    reason = f"GPU failure on {worker}: {exc}; re-running on CPU"
-    route = {
-        "queue": CPU_QUEUE,
-        "gpu_requested": record["route"]["gpu_requested"],
-        "reason": reason,
-    }
-    log.warning("job %s: %s", task_id, reason)
+    route = gpu_failure_route(
+        gpu_requested=record["route"]["gpu_requested"], worker=worker, error=str(exc)
+    ).as_dict()
+    log.warning("job %s: %s", task_id, route["reason"])
     if rt.store.requeue(task_id, route=route, error=str(exc), owner=owner, force_cpu=True):
         enqueue(task_id, CPU_QUEUE)
 

@@ -3,6 +3,7 @@
 Every state change is an optimistic transaction (WATCH/MULTI) so the API (cancel), the
 worker running the job and the orphan watchdog can never overwrite each other: a job
 completes once, and only the attempt that holds the job's lease may complete it.
+The metrics a transition feeds (morag.metrics) are incremented in the same transaction.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
+
+from morag import metrics
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -29,6 +32,8 @@ ACTIVE_SET = "morag:jobs:active"
 
 Record = dict[str, Any]
 LeaseAction = str | None | bool | Callable[[Record], str | bool | None]
+# Queues further commands (metrics) on the transaction that commits the new record.
+OnCommit = Callable[[redis.client.Pipeline, Record], None]
 
 
 def job_key(task_id: str) -> str:
@@ -75,6 +80,7 @@ def new_record(
         "webhook_url": webhook_url,
         "batch_id": batch_id,
         "route": route,
+        "queued_at": stamp,  # when it last entered `queued` (None once a worker claims it)
         "progress": 0.0,
         "attempts": [],
         "deliveries": 0,
@@ -127,6 +133,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.set(job_key(record["task_id"]), json.dumps(record), ex=self.ttl)
         pipe.sadd(ACTIVE_SET, record["task_id"])
+        metrics.job_created(pipe, record)
         pipe.execute()
 
     def get(self, task_id: str) -> Record | None:
@@ -168,12 +175,15 @@ class JobStore:
         change: Callable[[Record, str | None], Record | None],
         *,
         lease: LeaseAction = False,
+        on_commit: OnCommit | None = None,
     ) -> Record | None:
         """Apply ``change(record, lease_owner)`` atomically.
 
         ``change`` returns the new record, or None to leave everything as it is.
         ``lease``: False keeps the lease, None deletes it, a string sets it (this owner); a
         callable gets the new record and answers one of those.
+        ``on_commit(pipe, new)`` queues more commands in the same transaction (only when
+        there is a change), so what it counts is counted exactly once.
         Returns the stored record after the change (or the unchanged one).
         """
         key, lkey = job_key(task_id), lease_key(task_id)
@@ -205,6 +215,8 @@ class JobStore:
                 pipe.delete(lkey)
             elif isinstance(action, str):
                 pipe.set(lkey, action, px=self.lease_ttl_ms)
+            if on_commit is not None:
+                on_commit(pipe, new)
 
         self.r.transaction(txn, key, lkey)
         return outcome["record"]
@@ -218,13 +230,16 @@ class JobStore:
         attempt: dict[str, Any],
         max_deliveries: int,
         owner_is_dead: Callable[[str], bool],
+        route: dict[str, Any] | None = None,
     ) -> Claim:
         """A worker received the job's message: decide whether it runs it.
 
         Skips jobs that ended already (a late duplicate delivery) or that another live
         attempt holds; counts deliveries and fails the job once the cap is passed.
+        ``route``: a new route for the job when it runs (a rescue by a CPU worker).
         """
         verdict: dict[str, Claim] = {}
+        seen: dict[str, Any] = {}
 
         def change(record: Record, holder: str | None) -> Record | None:
             if record["status"] in TERMINAL:
@@ -237,7 +252,8 @@ class JobStore:
                 verdict["c"] = Claim(False, f"job is running under {holder}")
                 return None
             record["deliveries"] = int(record.get("deliveries", 0)) + 1
-            _close_open_attempt(record, "worker lost during the job")
+            seen["lost"] = _close_open_attempt(record, "worker lost during the job")
+            seen["queued_at"] = record.get("queued_at")
             if record["deliveries"] > max_deliveries:
                 record["status"] = FAILED
                 record["error"] = (
@@ -248,15 +264,31 @@ class JobStore:
                 return record
             record["status"] = RUNNING
             record["progress"] = 0.0
+            record["queued_at"] = None
+            if route is not None:
+                record["route"] = route
             record["attempts"].append(
                 {**attempt, "started_at": now_iso(), "finished_at": None, "error": None}
             )
             verdict["c"] = Claim(True, "claimed", record)
             return record
 
+        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            if seen.get("lost"):
+                metrics.redelivered(pipe, record)
+            if record["status"] == RUNNING:
+                metrics.job_claimed(pipe, record, seen.get("queued_at"))
+                if route is not None:
+                    metrics.route_decided(pipe, route, record["content_type"])
+            else:
+                metrics.job_ended(pipe, record)
+
         # The lease is written only when the claim runs; a skip leaves it untouched.
         result = self.update(
-            task_id, change, lease=lambda rec: owner if rec["status"] == RUNNING else None
+            task_id,
+            change,
+            lease=lambda rec: owner if rec["status"] == RUNNING else None,
+            on_commit=account,
         )
         if result is None:
             return Claim(False, "unknown job")
@@ -289,7 +321,11 @@ class JobStore:
             done["ok"] = True
             return record
 
-        self.update(task_id, change, lease=None)
+        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            metrics.attempt_ended(pipe, record)
+            metrics.job_ended(pipe, record)
+
+        self.update(task_id, change, lease=None, on_commit=account)
         return done["ok"]
 
     def hand_to_store(self, task_id: str, owner: str, *, result: Record) -> bool:
@@ -308,7 +344,7 @@ class JobStore:
             done["ok"] = True
             return record
 
-        self.update(task_id, change, lease=None)
+        self.update(task_id, change, lease=None, on_commit=metrics.attempt_ended)
         return done["ok"]
 
     def finish_store(
@@ -334,7 +370,7 @@ class JobStore:
             done["ok"] = True
             return record
 
-        self.update(task_id, change, lease=None)
+        self.update(task_id, change, lease=None, on_commit=metrics.job_ended)
         return done["ok"]
 
     def requeue(
@@ -348,7 +384,8 @@ class JobStore:
     ) -> Record | None:
         """Put a running job back to ``queued`` on another route (runtime fallback, orphan).
 
-        ``owner`` None means "only if nobody holds the lease" (the watchdog's case).
+        ``owner`` None means "only if nobody holds the lease" (the watchdog's case); otherwise
+        the owner's attempt ends here (its run time is counted).
         """
 
         def change(record: Record, holder: str | None) -> Record | None:
@@ -358,6 +395,7 @@ class JobStore:
                 return None
             _close_open_attempt(record, error)
             record["status"] = QUEUED
+            record["queued_at"] = now_iso()
             record["route"] = route
             record["force_cpu"] = record.get("force_cpu", False) or force_cpu
             if force_cpu:
@@ -365,7 +403,14 @@ class JobStore:
                 record["deliveries"] = max(0, int(record.get("deliveries", 0)) - 1)
             return record
 
-        record = self.update(task_id, change, lease=None)
+        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            if owner is None:
+                metrics.orphan_requeued(pipe, route)
+            else:
+                metrics.attempt_ended(pipe, record)
+            metrics.route_decided(pipe, route, record["content_type"])
+
+        record = self.update(task_id, change, lease=None, on_commit=account)
         if record is None or record["status"] != QUEUED:
             return None
         return record
@@ -379,10 +424,13 @@ class JobStore:
             record["error"] = "cancelled by the client"
             return record
 
-        return self.update(task_id, change, lease=None)
+        return self.update(task_id, change, lease=None, on_commit=metrics.job_ended)
 
 
-def _close_open_attempt(record: Record, error: str | None) -> None:
+def _close_open_attempt(record: Record, error: str | None) -> bool:
+    """End the current attempt if it is still open; True when there was one."""
     if record["attempts"] and record["attempts"][-1].get("finished_at") is None:
         record["attempts"][-1]["finished_at"] = now_iso()
         record["attempts"][-1]["error"] = error
+        return True
+    return False

@@ -1,6 +1,7 @@
 """Pure routing decisions: which queue a job goes to, and when CPU workers rescue GPU jobs.
 
-No I/O here: callers pass a fleet snapshot and get a decision with a human-readable reason.
+No I/O here: callers pass a fleet snapshot and get a decision with a machine-readable
+``code`` (stable: the metrics, the CLI and the tests use it) and a human-readable reason.
 """
 
 from __future__ import annotations
@@ -31,14 +32,48 @@ class FleetSnapshot:
         return [w for w in self.workers if queue in w.queues]
 
 
+# Route codes. Decisions at submission: the first five; later re-routing: the last three.
+NOT_REQUESTED = "not_requested"  # gpu=false
+GPU_WORKER = "gpu_worker"  # gpu=true and a live GPU worker can take it
+NO_GPU_WORKER = "no_gpu_worker"  # gpu=true, no live worker consumes gpu-tasks
+NO_CAPABLE_GPU = "no_capable_gpu"  # gpu=true, no live GPU worker has the processor
+BACKLOG = "backlog"  # gpu=true, gpu-tasks holds MORAG_GPU_BACKLOG_LIMIT jobs
+GPU_FAILURE = "gpu_failure"  # the GPU failed mid-job (CUDA OOM, CUDA unusable): re-run on CPU
+WORKER_LOST = "worker_lost"  # the worker running it vanished: re-enqueued by the watchdog
+RESCUED = "rescued"  # waiting on gpu-tasks with no GPU worker: a CPU worker took it
+ROUTE_CODES = (
+    NOT_REQUESTED,
+    GPU_WORKER,
+    NO_GPU_WORKER,
+    NO_CAPABLE_GPU,
+    BACKLOG,
+    GPU_FAILURE,
+    WORKER_LOST,
+    RESCUED,
+)
+
+
 @dataclass(frozen=True)
 class Route:
     queue: str
     gpu_requested: bool
+    code: str
     reason: str
 
     def as_dict(self) -> dict[str, object]:
-        return {"queue": self.queue, "gpu_requested": self.gpu_requested, "reason": self.reason}
+        return {
+            "queue": self.queue,
+            "gpu_requested": self.gpu_requested,
+            "code": self.code,
+            "reason": self.reason,
+        }
+
+
+def is_gpu_fallback(route: dict[str, object]) -> bool:
+    """Did a job that asked for a GPU get sent to (or taken by) a CPU instead?"""
+    if not route.get("gpu_requested"):
+        return False
+    return route.get("queue") != GPU_QUEUE or route.get("code") == RESCUED
 
 
 def decide_route(
@@ -46,24 +81,48 @@ def decide_route(
 ) -> Route:
     """Pick the queue for a new job. GPU only when a live GPU worker can take it now."""
     if not gpu_requested:
-        return Route(CPU_QUEUE, False, "gpu not requested")
+        return Route(CPU_QUEUE, False, NOT_REQUESTED, "gpu not requested")
     gpu_workers = fleet.consumers_of(GPU_QUEUE)
     if not gpu_workers:
-        return Route(CPU_QUEUE, True, "no live GPU worker; running on CPU")
+        return Route(CPU_QUEUE, True, NO_GPU_WORKER, "no live GPU worker; running on CPU")
     capable = [w for w in gpu_workers if content_type in w.processors]
     if not capable:
         return Route(
-            CPU_QUEUE, True, f"no live GPU worker can process {content_type}; running on CPU"
+            CPU_QUEUE,
+            True,
+            NO_CAPABLE_GPU,
+            f"no live GPU worker can process {content_type}; running on CPU",
         )
     backlog = fleet.queue_lengths.get(GPU_QUEUE, 0)
     if backlog >= gpu_backlog_limit:
         return Route(
             CPU_QUEUE,
             True,
+            BACKLOG,
             f"GPU backlog {backlog} reached the limit {gpu_backlog_limit}; running on CPU",
         )
     names = ", ".join(sorted(w.name for w in capable))
-    return Route(GPU_QUEUE, True, f"{len(capable)} live GPU worker(s): {names}")
+    return Route(GPU_QUEUE, True, GPU_WORKER, f"{len(capable)} live GPU worker(s): {names}")
+
+
+def gpu_failure_route(*, gpu_requested: bool, worker: str, error: str) -> Route:
+    """The GPU failed mid-job: the same job goes to the CPU queue."""
+    return Route(
+        CPU_QUEUE,
+        gpu_requested,
+        GPU_FAILURE,
+        f"GPU failure on {worker}: {error}; re-running on CPU",
+    )
+
+
+def rescued_route(*, gpu_requested: bool, worker: str) -> Route:
+    """A CPU worker took a job waiting on gpu-tasks because no GPU worker was alive."""
+    return Route(
+        GPU_QUEUE,
+        gpu_requested,
+        RESCUED,
+        f"no live GPU worker: rescued from {GPU_QUEUE} by the CPU worker {worker}",
+    )
 
 
 RescueAction = Literal["start", "stop", "none"]

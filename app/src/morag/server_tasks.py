@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from morag import files, urls
+from morag import files, metrics, urls
 from morag.jobs import RUNNING
 from morag.webhooks import body_of, headers_for, notify_end
 from morag.worker import celery_app, get_runtime
@@ -135,6 +135,7 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         urls.check_url(url, rt.settings.url_allowlist)
     except urls.UrlRefused as exc:
         log.warning("webhook of job %s refused: %s", task_id, exc)
+        _count_webhook(rt, "refused")
         return
     try:
         resp = httpx.post(url, content=body, headers=headers, timeout=10, follow_redirects=False)
@@ -146,8 +147,18 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         retries = self.request.retries
         if retries >= rt.settings.webhook_retries:
             log.warning("webhook of job %s gave up after %d tries: %s", task_id, retries + 1, exc)
+            _count_webhook(rt, "gave_up")
             return
+        _count_webhook(rt, "retrying")
         countdown = rt.settings.webhook_backoff * (2**retries)
         log.info("webhook of job %s failed (%s); retry in %.1fs", task_id, exc, countdown)
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
     log.info("webhook of job %s delivered: HTTP %d", task_id, resp.status_code)
+    _count_webhook(rt, "delivered")
+
+
+def _count_webhook(rt: Any, outcome: str) -> None:
+    try:
+        metrics.webhook_outcome(rt.redis, outcome)
+    except Exception:  # a metric must never change what happens to the webhook
+        log.exception("could not count the webhook outcome %s", outcome)

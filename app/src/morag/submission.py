@@ -8,9 +8,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
-from morag import urls
+from morag import metrics, urls
 from morag.config import Settings
 from morag.fleet import CachedFleet
 from morag.jobs import JobStore, Record, new_record
@@ -35,28 +35,20 @@ class Services:
     redis: redis.Redis
     store: JobStore
     fleet: CachedFleet
-    metrics: CollectorRegistry
-    submitted: Counter
+    metrics: CollectorRegistry  # the fleet's metrics, read from Redis at each scrape
 
 
 def build_services(settings: Settings) -> Services:
     client = redis.Redis.from_url(
         settings.redis_url.get_secret_value(), socket_timeout=5, health_check_interval=30
     )
-    registry = CollectorRegistry()
-    submitted = Counter(
-        "morag_jobs_submitted",
-        "Jobs submitted, by queue and whether a GPU was requested",
-        ["queue", "gpu_requested"],
-        registry=registry,
-    )
+    fleet = CachedFleet(client, settings.fleet_cache_seconds)
     return Services(
         settings=settings,
         redis=client,
         store=JobStore(client, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl),
-        fleet=CachedFleet(client, settings.fleet_cache_seconds),
-        metrics=registry,
-        submitted=submitted,
+        fleet=fleet,
+        metrics=metrics.build_registry(client, fleet, settings, known_types()),
     )
 
 
@@ -143,5 +135,4 @@ def submit(
     record["store"] = kind == "ingest" and services.settings.store_ingested
     services.store.create(record)
     enqueue(record["task_id"], route.queue)
-    services.submitted.labels(route.queue, str(gpu).lower()).inc()
     return record

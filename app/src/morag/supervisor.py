@@ -19,11 +19,11 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from morag import __version__, fleet
+from morag import __version__, fleet, gpu_telemetry
 from morag.config import CPU_QUEUE, GPU_QUEUE, Settings, get_settings
 from morag.jobs import RUNNING, JobStore
 from morag.processors.registry import installed_types
-from morag.routing import decide_rescue, decide_route
+from morag.routing import WORKER_LOST, decide_rescue, decide_route
 from morag.worker import celery_app, decide_device, enqueue
 
 log = logging.getLogger("morag.supervisor")
@@ -84,6 +84,8 @@ class Supervisor:
             "device": self.device.device,
             "device_reason": self.device.reason,
             "gpus": self.device.gpus_as_dicts(),
+            "cuda_libraries": dict(self.device.libraries),  # soname -> version loaded at start
+            "gpu_telemetry": gpu_telemetry.sample(),  # NVML, never CUDA; [] without a GPU
             "processors": list(installed_types()),
             "busy": bool(active),
             "active": sorted(active),
@@ -145,6 +147,7 @@ class Supervisor:
                 gpu_backlog_limit=self.settings.gpu_backlog_limit,
             ).as_dict()
             route["reason"] = f"worker {lost} was lost; redelivered: {route['reason']}"
+            route["code"] = WORKER_LOST
             if self.store.requeue(
                 record["task_id"],
                 route=route,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from morag.config import CPU_QUEUE, DECLARED_QUEUES, STORE_QUEUE, Settings, get_settings
-from morag.devices import DeviceInfo, detect_device
+from morag.devices import EX_CONFIG, DeviceInfo, DeviceUnavailable, detect_device
 from morag.jobs import JobStore
 
 log = logging.getLogger("morag.worker")
@@ -54,6 +55,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": settings.max_tasks_per_child,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        # Task events for Flower / celery-exporter (MORAG_CELERY_EVENTS; off by default).
+        "worker_send_task_events": settings.celery_events,
+        "task_send_sent_event": settings.celery_events,
         "imports": ("morag.server_tasks",),  # storing, search, webhooks (morag-store queue)
     }
 
@@ -80,10 +84,25 @@ _device: DeviceInfo | None = None  # decided in the parent, inherited by forked 
 
 
 def decide_device(settings: Settings) -> DeviceInfo:
+    """Decided once per worker; raises DeviceUnavailable for MORAG_DEVICE=cuda without CUDA."""
     global _device
     if _device is None:
         _device = detect_device(settings.device)
     return _device
+
+
+def require_device(settings: Settings) -> DeviceInfo:
+    """decide_device, or exit with EX_CONFIG (78) and the reason on stderr and in the log.
+
+    systemd's RestartPreventExitStatus=78 then leaves the unit failed with the message in its
+    journal, instead of restarting a worker that cannot do what it was told."""
+    try:
+        return decide_device(settings)
+    except DeviceUnavailable as exc:
+        if log.hasHandlers():
+            log.critical("%s", exc)
+        print(f"morag worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG) from exc
 
 
 def get_runtime() -> Runtime:
@@ -124,8 +143,9 @@ def enqueue_store(task_id: str) -> None:
 
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    # Decide the device in the parent with nvidia-smi (never CUDA itself) before the fork.
-    info = decide_device(get_settings())
+    # Decide the device in the parent with nvidia-smi (never CUDA itself) before the fork;
+    # `celery -A morag.worker:celery_app worker` with MORAG_DEVICE=cuda and no CUDA exits here.
+    info = require_device(get_settings())
     log.info("device %s (%s)", info.device, info.reason)
 
 

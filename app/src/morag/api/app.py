@@ -10,7 +10,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from morag import __version__
-from morag.api.routers import docs, files, health, ingest, process, search, status, workers
+from morag.api.routers import (
+    docs,
+    files,
+    health,
+    ingest,
+    metrics,
+    process,
+    search,
+    status,
+    workers,
+)
 from morag.config import Settings, get_settings
 from morag.submission import build_services
 
@@ -51,6 +61,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
         return JSONResponse({"detail": f"Redis unavailable: {type(exc).__name__}"}, 503)
 
-    for module in (health, process, ingest, status, workers, files, search, docs):
+    for module in (health, metrics, process, ingest, status, workers, files, search, docs):
         app.include_router(module.router)
     return app

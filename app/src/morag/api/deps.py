@@ -46,6 +46,29 @@ def require_worker_token(
         raise HTTPException(403, "invalid worker token")
 
 
+def require_metrics_token(
+    request: Request, authorization: str | None = Header(default=None)
+) -> None:
+    """``Authorization: Bearer <MORAG_METRICS_TOKEN>``, as Prometheus sends it. API keys and
+    the worker token are not accepted; without a configured token the endpoint is off."""
+    token = services(request).settings.metrics_token
+    if token is None or not token.get_secret_value():
+        raise HTTPException(404, "metrics are disabled: set MORAG_METRICS_TOKEN to enable them")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise HTTPException(
+            401,
+            "missing metrics token: send Authorization: Bearer <MORAG_METRICS_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not _matches(given.strip(), [token.get_secret_value()]):
+        raise HTTPException(
+            401,
+            "invalid metrics token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+
+
 def limit_body(request: Request) -> None:
     """Refuse an oversized upload from its Content-Length, before reading it."""
     limit = services(request).settings.max_upload_bytes

@@ -1,6 +1,6 @@
 """``/health`` (the process answers) and ``/ready`` (its dependencies answer); no key needed.
 
-``/metrics`` needs the API key like every other route."""
+``/metrics`` lives in ``routers/metrics.py`` (its own bearer token)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import os
 from typing import Any
 
 import redis
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from morag.api.deps import ApiKey, services
+from morag.api.deps import services
 from morag.submission import Services
 
 router = APIRouter(tags=["health"])
@@ -41,8 +40,3 @@ def ready(svc: Services = Depends(services)) -> JSONResponse:
     return JSONResponse(
         {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
     )
-
-
-@router.get("/metrics", dependencies=[ApiKey])
-def metrics(svc: Services = Depends(services)) -> Response:
-    return Response(generate_latest(svc.metrics), media_type=CONTENT_TYPE_LATEST)

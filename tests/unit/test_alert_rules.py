@@ -1,0 +1,122 @@
+"""The Prometheus alert rules and the Grafana dashboard in monitoring/.
+
+The rules are checked by the real ``promtool`` (Debian's ``prometheus`` package, installed
+by ``make test``): ``promtool check rules`` and ``promtool test rules`` with, for every
+alert, a case that fires and one that does not. Whether the dashboard's queries use only
+metrics a running API exports is checked against a live stack in
+tests/integration/test_metrics.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "monitoring" / "prometheus" / "morag-alerts.yml"
+RULE_TESTS = ROOT / "monitoring" / "prometheus" / "tests" / "morag-alerts.test.yml"
+DASHBOARD = ROOT / "monitoring" / "grafana" / "morag-fleet.json"
+MONITORING_DOC = ROOT / "docs" / "monitoring.md"
+
+
+def promtool() -> str:
+    exe = shutil.which("promtool")
+    if exe is None:
+        # `make unit` / `make test` install Debian's prometheus: never skip there (or in CI).
+        if os.environ.get("MORAG_REQUIRE_PROMETHEUS") or os.environ.get("CI"):
+            pytest.fail("promtool is missing: run `make deps` (Debian package prometheus)")
+        pytest.skip("promtool is not installed (Debian package prometheus; make deps)")
+    return exe
+
+
+def alerts() -> list[dict]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def test_promtool_check_rules() -> None:
+    out = subprocess.run(
+        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in out.stdout
+
+
+def test_promtool_test_rules() -> None:
+    out = subprocess.run(
+        [promtool(), "test", "rules", RULE_TESTS.name],
+        cwd=RULE_TESTS.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in alerts()}
+    assert names - fires == set(), "alerts without a test case that fires"
+    assert names - quiet == set(), "alerts without a test case that stays quiet"
+    expected = {
+        "MoragMetricsDown",
+        "MoragNoGpuWorker",
+        "MoragNoCpuWorker",
+        "MoragGpuWorkerOnCpu",
+        "MoragGpuIdleWhileBusy",
+        "MoragQueueBacklog",
+        "MoragJobsStuck",
+        "MoragNoStoreWorker",
+        "MoragGpuFallbackRateHigh",
+    }
+    assert names == expected
+
+
+def test_every_alert_is_explained_in_the_docs() -> None:
+    doc = MONITORING_DOC.read_text()
+    for rule in alerts():
+        name = rule["alert"]
+        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
+        assert rule["annotations"]["runbook"] == f"docs/monitoring.md#{name.lower()}"
+        assert re.search(rf"^### {name}$", doc, re.MULTILINE), f"docs/monitoring.md: {name}"
+        assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel."""
+    board = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            queries.append((panel["title"], target["expr"]))
+    return queries
+
+
+def test_dashboard_structure() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    assert board["uid"] == "morag-fleet" and board["title"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert "morag_" in target["expr"], f"{panel['title']}: {target['expr']}"
+    assert len(dashboard_queries()) >= 20
