@@ -99,19 +99,21 @@ def test_worker_units_require_the_share(host):
 
 def test_worker_does_not_start_without_the_share(host):
     with host.sudo():
-        host.run("systemctl stop morag-worker@1")
+        host.run("systemctl stop morag-worker@0 morag-worker@1")
         host.run("systemctl stop srv-moragshare.mount")
         host.run("systemctl mask --runtime srv-moragshare.mount")
         try:
+            assert not host.mount_point("/srv/moragshare").exists
             started = host.run("systemctl start morag-worker@1")
-            assert started.rc != 0
+            assert started.rc != 0, "a worker started without its share"
             assert not host.service("morag-worker@1").is_running
             assert not host.mount_point("/srv/moragshare").exists
         finally:
             host.run("systemctl unmask --runtime srv-moragshare.mount")
-            host.run("systemctl reset-failed morag-worker@1")
-            host.run("systemctl start morag-worker@1")
-        assert wait_for_state(host, "morag-worker@1", {"active"}) == "active"
+            host.run("systemctl reset-failed morag-worker@0 morag-worker@1")
+            host.run("systemctl start morag-worker@0 morag-worker@1")
+        for unit in ("morag-worker@0", "morag-worker@1"):
+            assert wait_for_state(host, unit, {"active"}) == "active"
         assert host.mount_point("/srv/moragshare").exists
 
 
