@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from morag import metrics
+from morag import jobs, metrics, metrics_export
 from morag.config import Settings
 from morag.routing import FleetSnapshot
 from prometheus_client import CollectorRegistry, generate_latest
@@ -66,7 +66,7 @@ def scrape(
     settings = Settings(job_time_limit=600, visibility_timeout=900)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
-        metrics.FleetCollector(r, fleet, settings, ("audio", "web"), clock=lambda: now)
+        metrics_export.FleetCollector(r, fleet, settings, ("audio", "web"), clock=lambda: now)
     )
     text = generate_latest(registry).decode()
     list(text_string_to_metric_families(text))  # valid exposition format
@@ -129,7 +129,7 @@ def test_job_gauges_from_the_active_records() -> None:
     r = FakeRedis()
     iso, later = "2027-01-15T08:00:00.000+00:00", "2027-01-15T08:01:00.000+00:00"
     now = metrics.parse_time(iso) + 300
-    r.sets[metrics.ACTIVE_SET] = {"a", "b", "c", "gone"}
+    r.sets[jobs.ACTIVE_SET] = {"a", "b", "c", "gone"}
     r.strings["morag:job:a"] = _record("a", "queued", queued_at=iso)
     r.strings["morag:job:b"] = _record(
         "b", "running", attempts=[{"started_at": iso, "finished_at": None}]
@@ -186,7 +186,4 @@ def test_celery_task_events_follow_the_setting() -> None:
 
 
 def test_the_collector_reads_the_job_store_keys() -> None:
-    from morag import jobs
-
-    assert metrics.ACTIVE_SET == jobs.ACTIVE_SET
-    assert jobs.job_key("abc") == "morag:job:abc"  # what FleetCollector._records reads
+    assert jobs.job_key("abc") == "morag:job:abc"  # what the fake store above holds

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any
 
+from morag.devices import Gpu, select_visible
+
 log = logging.getLogger("morag.gpu_telemetry")
 
 RETRY_SECONDS = 60.0
@@ -31,22 +33,11 @@ def _text(value: Any) -> str:
 
 
 def select_devices(devices: list[tuple[int, str]], visible: str | None) -> list[tuple[int, str]]:
-    """The (index, uuid) pairs a CUDA_VISIBLE_DEVICES value selects, in its order."""
-    if visible is None:
-        return list(devices)
-    chosen: list[tuple[int, str]] = []
-    for entry in (e.strip() for e in visible.split(",")):
-        match: tuple[int, str] | None = None
-        if entry.isdigit():
-            match = next((d for d in devices if d[0] == int(entry)), None)
-        elif entry.upper().startswith(("GPU-", "MIG-")):
-            hits = [d for d in devices if d[1].lower().startswith(entry.lower())]
-            match = hits[0] if len(hits) == 1 else None
-        if match is None:
-            break  # CUDA ignores everything from the first invalid entry on
-        if match not in chosen:
-            chosen.append(match)
-    return chosen
+    """The (index, uuid) pairs a CUDA_VISIBLE_DEVICES value selects, in its order: the
+    same reading as the worker's device detection (morag.devices.select_visible)."""
+    gpus = [Gpu(index, uuid, "", "", 0) for index, uuid in devices]
+    chosen, _ = select_visible(gpus, (), visible)
+    return [(g.index, g.uuid) for g in chosen]
 
 
 class GpuTelemetry:

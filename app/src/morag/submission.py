@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import redis
 from prometheus_client import CollectorRegistry
 
-from morag import metrics, urls
+from morag import metrics_export, urls
 from morag.config import Settings
 from morag.fleet import CachedFleet
 from morag.jobs import JobStore, Record, new_record
@@ -48,7 +48,7 @@ def build_services(settings: Settings) -> Services:
         redis=client,
         store=JobStore(client, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl),
         fleet=fleet,
-        metrics=metrics.build_registry(client, fleet, settings, known_types()),
+        metrics=metrics_export.build_registry(client, fleet, settings, known_types()),
     )
 
 

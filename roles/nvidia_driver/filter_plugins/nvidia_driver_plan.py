@@ -740,30 +740,18 @@ def _ubuntu_distribution(f: dict, plan: dict, kernels: list) -> tuple[list, list
     return userspace, modules, headers, []
 
 
-def _ubuntu_headers(f: dict, plan: dict, kernels: list) -> list:
+def _headers(f: dict, plan: dict, kernels: list, meta_examples: str) -> list:
+    """linux-headers-<flavour> of each kernel meta package (so DKMS builds for kernels
+    installed later) plus linux-headers-<kernel> for every installed kernel."""
     headers = [f"linux-headers-{_meta_suffix(meta)}" for meta in f["metas"]]
     for kernel in kernels:
         plan["kernel_header_packages"][kernel] = f"linux-headers-{kernel}"
         headers.append(f"linux-headers-{kernel}")
     if not f["metas"]:
         plan["warnings"].append(
-            "No linux-image meta package is installed, so no linux-headers meta package "
-            "follows the kernel: DKMS cannot build the NVIDIA module for kernels installed "
-            "later. Install the kernel meta package (and its linux-headers-<flavour>)."
-        )
-    return headers
-
-
-def _debian_headers(f: dict, plan: dict, kernels: list) -> list:
-    headers = [f"linux-headers-{_meta_suffix(meta)}" for meta in f["metas"]]
-    for kernel in kernels:
-        plan["kernel_header_packages"][kernel] = f"linux-headers-{kernel}"
-        headers.append(f"linux-headers-{kernel}")
-    if not f["metas"]:
-        plan["warnings"].append(
-            "No linux-image meta package (linux-image-amd64, linux-image-cloud-amd64, "
-            "linux-image-arm64, ...) is installed, so no linux-headers meta package follows the "
-            "kernel: DKMS cannot build the NVIDIA module for kernels installed later."
+            f"No linux-image meta package ({meta_examples}) is installed, so no linux-headers "
+            "meta package follows the kernel: DKMS cannot build the NVIDIA module for kernels "
+            "installed later. Install the kernel meta package (and its linux-headers-<flavour>)."
         )
     plan["notes"].append(
         "DKMS headers: linux-headers-<flavour> of each linux-image meta package ("
@@ -774,6 +762,16 @@ def _debian_headers(f: dict, plan: dict, kernels: list) -> list:
         "(kernel_header_packages maps each kernel to its package)."
     )
     return headers
+
+
+def _ubuntu_headers(f: dict, plan: dict, kernels: list) -> list:
+    return _headers(f, plan, kernels, "linux-image-generic, linux-image-generic-hwe-22.04, ...")
+
+
+def _debian_headers(f: dict, plan: dict, kernels: list) -> list:
+    return _headers(
+        f, plan, kernels, "linux-image-amd64, linux-image-cloud-amd64, linux-image-arm64, ..."
+    )
 
 
 def _debian_distribution(f: dict, plan: dict, kernels: list) -> tuple[list, list, list, list]:
