@@ -46,7 +46,10 @@ def _key(explicit: str | None) -> str:
         return explicit
     keys = _settings().api_key_values()
     if not keys:
-        err.print("[red]no API key:[/red] pass --api-key or set MORAG_API_KEY")
+        err.print(
+            "[red]no API key:[/red] pass --api-key or set MORAG_API_KEY"
+            " (on a worker host, `morag workers --redis` reads the heartbeats without one)"
+        )
         raise typer.Exit(2)
     return keys[0]
 
@@ -126,6 +129,17 @@ def _client(api_url: str, api_key: str | None) -> httpx.Client:
     return httpx.Client(base_url=api_url, headers={"X-API-Key": _key(api_key)}, timeout=60.0)
 
 
+def _request(client: httpx.Client, method: str, url: str, **kwargs: Any) -> Any:
+    """One API call; an unreachable API or an error answer exits 1 with the reason."""
+    try:
+        resp = client.request(method, url, **kwargs)
+    except httpx.TransportError as exc:
+        err.print(f"[red]cannot reach the API at {client.base_url}:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    _fail_on(resp)
+    return resp.json()
+
+
 def _fail_on(resp: httpx.Response) -> None:
     if resp.status_code >= 400:
         try:
@@ -136,34 +150,101 @@ def _fail_on(resp: httpx.Response) -> None:
         raise typer.Exit(1)
 
 
+def _json_option(value: str | None, name: str) -> dict[str, Any] | None:
+    """Parse a ``--options``/``--metadata`` value: a JSON object, or ``@file.json``."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {value[1:]}: {exc}", param_hint=name) from exc
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint=name) from exc
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint=name)
+    return parsed
+
+
+def _is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
 @app.command()
 def submit(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True),
+    targets: list[str] = typer.Argument(..., help="files to upload and/or http(s) URLs"),
     gpu: bool = typer.Option(False, "--gpu", help="ask for a GPU worker"),
-    wait: bool = typer.Option(False, "--wait", help="wait for the result and print it"),
+    options: str | None = typer.Option(
+        None, "--options", help='processing options, JSON or @file (e.g. \'{"language": "en"}\')'
+    ),
+    metadata: str | None = typer.Option(
+        None, "--metadata", help="metadata stored with the result, JSON or @file"
+    ),
+    webhook: str | None = typer.Option(None, "--webhook", help="URL called when the job ends"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the results and print them"),
     api_url: str = API_URL,
     api_key: str | None = API_KEY,
-    as_json: bool = typer.Option(False, "--json", help="print the final job as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="print the jobs as JSON lines"),
 ) -> None:
-    """Upload FILE as an ingest job; with --wait, follow its progress and print the result."""
-    with _client(api_url, api_key) as client, open(file, "rb") as f:
-        resp = client.post(
-            "/api/v1/ingest/file", files={"file": (file.name, f)}, data={"gpu": str(gpu).lower()}
-        )
-        _fail_on(resp)
-        job = resp.json()
-        if not as_json:
-            console.print(f"job [bold]{job['task_id']}[/bold] -> {_route_text(job['route'])}")
+    """Submit files and URLs as ingest jobs (one job each); with --wait, follow them to the end."""
+    opts = _json_option(options, "--options")
+    meta = _json_option(metadata, "--metadata")
+    files = [t for t in targets if not _is_url(t)]
+    for name in files:
+        if not Path(name).is_file():
+            err.print(f"[red]not a file or an http(s) URL:[/red] {name}")
+            raise typer.Exit(2)
+    jobs: list[dict[str, Any]] = []
+    with _client(api_url, api_key) as client:
+        for target in targets:
+            if _is_url(target):
+                body: dict[str, Any] = {"url": target, "gpu": gpu}
+                if opts is not None:
+                    body["options"] = opts
+                if meta is not None:
+                    body["metadata"] = meta
+                if webhook:
+                    body["webhook_url"] = webhook
+                job = _request(client, "POST", "/api/v1/ingest/url", json=body)
+            else:
+                form = {"gpu": str(gpu).lower()}
+                if opts is not None:
+                    form["options"] = json.dumps(opts)
+                if meta is not None:
+                    form["metadata"] = json.dumps(meta)
+                if webhook:
+                    form["webhook_url"] = webhook
+                with open(target, "rb") as f:
+                    job = _request(
+                        client,
+                        "POST",
+                        "/api/v1/ingest/file",
+                        files={"file": (Path(target).name, f)},
+                        data=form,
+                    )
+            job["source"] = target
+            jobs.append(job)
+            if not as_json:
+                console.print(
+                    f"{target}: job [bold]{job['task_id']}[/bold] -> {_route_text(job['route'])}"
+                )
+            elif not wait:
+                print(json.dumps(job))
         if not wait:
-            if as_json:
-                console.print_json(json.dumps(job))
             return
-        final = _follow(client, job["task_id"], quiet=as_json)
-    if as_json:
-        print(json.dumps(final))
-    else:
-        _print_job(final)
-    if final["status"] != "succeeded":
+        finals = [_follow(client, job["task_id"], quiet=as_json) for job in jobs]
+    for final in finals:
+        if as_json:
+            print(json.dumps(final))
+        else:
+            _print_job(final)
+    if any(final["status"] != "succeeded" for final in finals):
         raise typer.Exit(1)
 
 
@@ -176,13 +257,13 @@ def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> dict[str, Any
         console=err,
         disable=quiet,
     ) as progress:
-        bar = progress.add_task("queued", total=1.0)
+        bar = progress.add_task(task_id, total=1.0)
         while True:
-            resp = client.get(f"/api/v1/status/{task_id}", params={"wait": 1})
-            _fail_on(resp)
-            job = resp.json()
-            progress.update(bar, completed=job["progress"], description=job["status"])
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            job = _request(client, "GET", f"/api/v1/status/{task_id}", params={"wait": 1})
+            progress.update(
+                bar, completed=job.get("progress") or 0.0, description=f"{task_id} {job['status']}"
+            )
+            if job["status"] in TERMINAL:
                 return job
             time.sleep(0.2)
 
@@ -204,59 +285,122 @@ def _print_job(job: dict[str, Any]) -> None:
     if job.get("error"):
         console.print(f"[red]error:[/red] {job['error']}")
     if job.get("result"):
-        console.print(f"[green]{job['result'].get('content', '')}[/green]")
+        console.print(job["result"].get("content", ""), style="green", markup=False)
 
 
 @app.command()
 def status(
     task_id: str,
+    wait: bool = typer.Option(False, "--wait", help="follow the job until it ends"),
     api_url: str = API_URL,
     api_key: str | None = API_KEY,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="print the job as JSON"),
 ) -> None:
     """Show one job."""
     with _client(api_url, api_key) as client:
-        resp = client.get(f"/api/v1/status/{task_id}")
-        _fail_on(resp)
+        if wait:
+            job = _follow(client, task_id, quiet=as_json)
+        else:
+            job = _request(client, "GET", f"/api/v1/status/{task_id}")
     if as_json:
-        print(json.dumps(resp.json()))
+        print(json.dumps(job))
     else:
-        _print_job(resp.json())
+        _print_job(job)
+
+
+@app.command()
+def cancel(
+    task_id: str,
+    api_url: str = API_URL,
+    api_key: str | None = API_KEY,
+    as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
+) -> None:
+    """Cancel a queued or running job."""
+    with _client(api_url, api_key) as client:
+        answer = _request(client, "DELETE", f"/api/v1/ingest/{task_id}")
+    if as_json:
+        print(json.dumps(answer))
+    else:
+        console.print(f"{task_id}: {answer.get('status', 'cancelled')}")
+
+
+@app.command()
+def search(
+    query: str,
+    limit: int = typer.Option(5, min=1, max=100, help="how many chunks"),
+    api_url: str = API_URL,
+    api_key: str | None = API_KEY,
+    as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
+) -> None:
+    """Search the stored chunks (needs a morag-store worker on the server)."""
+    with _client(api_url, api_key) as client:
+        answer = _request(client, "POST", "/api/v1/search", json={"query": query, "limit": limit})
+    if as_json:
+        print(json.dumps(answer))
+        return
+    table = Table("score", "source", "text")
+    for hit in answer.get("results", []):
+        meta = hit.get("metadata") or {}
+        table.add_row(
+            f"{hit.get('score', 0):.3f}",
+            str(meta.get("source") or hit.get("source") or "-"),
+            (hit.get("text") or "")[:200],
+        )
+    console.print(table)
+    if not answer.get("results"):
+        err.print("no results")
 
 
 @app.command()
 def workers(
+    from_redis: bool = typer.Option(
+        False,
+        "--redis",
+        help="read the heartbeats straight from Redis with this host's settings "
+        "(MORAG_REDIS_URL): for worker hosts, which hold no API key, and the Ansible plays",
+    ),
+    api_url: str = API_URL,
+    api_key: str | None = API_KEY,
     as_json: bool = typer.Option(False, "--json", help="print the heartbeats as JSON"),
 ) -> None:
-    """List live workers from their heartbeats in Redis (reads MORAG_REDIS_URL)."""
-    import redis
-
-    from morag.fleet import read_heartbeats
-
-    client = redis.Redis.from_url(_settings().redis_url.get_secret_value())
-    try:
-        beats = read_heartbeats(client)
-    except redis.RedisError as exc:
-        err.print(f"[red]Redis unavailable:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    """List live workers from their heartbeats (through the API, or with --redis directly)."""
+    if from_redis:
+        beats = _heartbeats_from_redis()
+    else:
+        with _client(api_url, api_key) as client:
+            beats = _request(client, "GET", "/api/v1/workers")["workers"]
     if as_json:
         print(json.dumps(beats))
         return
     table = Table("name", "queues", "device", "gpus", "busy", "processors", "updated")
     for b in beats:
         gpus = ", ".join(f"{g['index']}:{g['name']}" for g in b.get("gpus", []))
+        device = b.get("device", "?")
         table.add_row(
             b["name"],
-            ",".join(b.get("consuming", b["queues"])),
-            f"{b['device']}" + ("" if b["device"] == "cuda" else f" ({b['device_reason']})"),
+            ",".join(b.get("consuming", b.get("queues", []))),
+            device + ("" if device == "cuda" else f" ({b.get('device_reason', '')})"),
             gpus or "-",
-            "yes" if b["busy"] else "no",
-            ",".join(b["processors"]),
-            b["updated_at"],
+            "yes" if b.get("busy") else "no",
+            ",".join(b.get("processors", [])),
+            str(b.get("updated_at", "")),
         )
     console.print(table)
     if not beats:
         err.print("no live workers")
+
+
+def _heartbeats_from_redis() -> list[dict[str, Any]]:
+    import redis
+
+    from morag.fleet import read_heartbeats
+
+    client = redis.Redis.from_url(_settings().redis_url.get_secret_value())
+    try:
+        return read_heartbeats(client)
+    except redis.RedisError as exc:
+        err.print(f"[red]Redis unavailable:[/red] {exc}")
+        raise typer.Exit(1) from exc
 
 
 def main() -> None:
