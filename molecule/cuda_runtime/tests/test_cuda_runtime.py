@@ -21,3 +21,9 @@ def test_facts(host):
         facts = json.loads(host.file("/root/cuda_runtime_facts.json").content_string)
     assert not facts["usable"]
     assert not facts["dirs"]
+
+
+def test_skipped_on_a_host_without_a_gpu(host):
+    """The second play: default method (wheels) and no GPU on the PCI bus: nothing at all."""
+    assert not host.file("/root/no-gpu").exists
+    assert not host.file("/opt/morag/venv").exists  # nor a failed pip run into a missing venv

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import shutil
 from dataclasses import dataclass
 from functools import cache
 
 from morag.processors.base import Processor
+
+log = logging.getLogger("morag.processors")
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,7 @@ class ProcessorSpec:
     factory: str  # "module:Class"
     python_modules: tuple[str, ...] = ()
     executables: tuple[str, ...] = ()
+    needs_whisper_model: bool = False  # advertised only when MORAG_WHISPER_MODEL loads
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in self.python_modules) and all(
@@ -27,12 +31,18 @@ class ProcessorSpec:
 SPECS: dict[str, ProcessorSpec] = {
     spec.content_type: spec
     for spec in (
-        ProcessorSpec("audio", "morag.processors.audio:AudioProcessor", ("faster_whisper",)),
+        ProcessorSpec(
+            "audio",
+            "morag.processors.audio:AudioProcessor",
+            ("faster_whisper",),
+            needs_whisper_model=True,
+        ),
         ProcessorSpec(
             "video",
             "morag.processors.video:VideoProcessor",
             ("faster_whisper", "ffmpeg"),
             ("ffmpeg", "ffprobe"),
+            needs_whisper_model=True,
         ),
         ProcessorSpec(
             "document", "morag.processors.document:DocumentProcessor", ("docling", "pypdf")
@@ -44,6 +54,7 @@ SPECS: dict[str, ProcessorSpec] = {
             "morag.processors.youtube:YoutubeProcessor",
             ("yt_dlp", "faster_whisper"),
             ("ffmpeg",),
+            needs_whisper_model=True,
         ),
     )
 }
@@ -57,6 +68,26 @@ def known_types() -> list[str]:
 def installed_types() -> tuple[str, ...]:
     """Content types this host can process (its extras and tools are installed)."""
     return tuple(sorted(ct for ct, spec in SPECS.items() if spec.installed()))
+
+
+def advertised_types(whisper_model: str) -> tuple[str, ...]:
+    """What a worker offers in its heartbeat: installed types whose model is usable.
+
+    Checked once at worker start (files present, checksums of the staged manifest): a
+    worker whose Whisper model cannot load must not attract audio, video or media-URL jobs
+    that would only fail when it picks them up.
+    """
+    installed = installed_types()
+    needing = [ct for ct in installed if SPECS[ct].needs_whisper_model]
+    if not needing:
+        return installed
+    from morag.models import check_whisper_model
+
+    status = check_whisper_model(whisper_model)
+    if status.ok:
+        return installed
+    log.error("not offering %s: %s", ", ".join(needing), status.problem)
+    return tuple(ct for ct in installed if ct not in needing)
 
 
 _instances: dict[str, Processor] = {}
