@@ -368,7 +368,7 @@ def workers(
         beats = _heartbeats_from_redis()
     else:
         with _client(api_url, api_key) as client:
-            beats = _request(client, "GET", "/api/v1/workers")["workers"]
+            beats = _all_workers(client)
     if as_json:
         print(json.dumps(beats))
         return
@@ -388,6 +388,18 @@ def workers(
     console.print(table)
     if not beats:
         err.print("no live workers")
+
+
+def _all_workers(client: httpx.Client) -> list[dict[str, Any]]:
+    """Every page of ``GET /api/v1/workers``."""
+    beats: list[dict[str, Any]] = []
+    while True:
+        page = _request(
+            client, "GET", "/api/v1/workers", params={"offset": len(beats), "limit": 500}
+        )
+        beats.extend(page["workers"])
+        if not page["workers"] or len(beats) >= page.get("total", len(beats)):
+            return beats
 
 
 def _heartbeats_from_redis() -> list[dict[str, Any]]:

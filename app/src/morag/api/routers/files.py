@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
 from morag import files
 from morag.api.deps import require_worker_token, services
+from morag.api.errors import ApiError
+from morag.api.schemas import ErrorBody
 from morag.submission import Services
 
 router = APIRouter(
@@ -14,12 +16,25 @@ router = APIRouter(
 )
 
 
-@router.get("/{file_id}")
+@router.get(
+    "/{file_id}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            "description": "the upload's bytes",
+        },
+        401: {"model": ErrorBody, "description": "missing worker token"},
+        403: {"model": ErrorBody, "description": "invalid worker token"},
+        404: {"model": ErrorBody, "description": "unknown file id"},
+        422: {"model": ErrorBody, "description": "invalid input"},
+    },
+)
 def download(file_id: str, svc: Services = Depends(services)) -> FileResponse:
     try:
         path = files.upload_path(svc.settings.uploads_dir, file_id)
     except files.FileUnavailable as exc:
-        raise HTTPException(404, "unknown file id") from exc
+        raise ApiError(404, "unknown file id") from exc
     if not path.is_file():
-        raise HTTPException(404, "unknown file id")
+        raise ApiError(404, "unknown file id")
     return FileResponse(path, media_type="application/octet-stream")

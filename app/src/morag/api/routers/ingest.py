@@ -4,59 +4,60 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from morag import files, urls
 from morag.api.deps import ApiKey, accept_upload, bad_input, limit_body, services
+from morag.api.errors import ApiError
+from morag.api.params import check_options
+from morag.api.schemas import (
+    Accepted,
+    BatchAccepted,
+    Cancelled,
+    IngestBatch,
+    IngestUrl,
+    errors,
+)
 from morag.jobs import TERMINAL, new_id
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
 from morag.webhooks import notify_end
 from morag.worker import celery_app
 
-router = APIRouter(prefix="/api/v1/ingest", tags=["ingest"], dependencies=[ApiKey])
+router = APIRouter(
+    prefix="/api/v1/ingest",
+    tags=["ingest"],
+    dependencies=[ApiKey],
+    responses=errors(),
+)
 
 
-class IngestUrl(BaseModel):
-    url: str = Field(min_length=1, max_length=4096)
-    gpu: bool = False
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict)
-    webhook_url: str | None = None
+def _accepted(record: dict[str, Any]) -> Accepted:
+    return Accepted(
+        task_id=record["task_id"],
+        status=record["status"],
+        content_type=record["content_type"],
+        route=record["route"],
+    )
 
 
-class BatchItem(BaseModel):
-    url: str = Field(min_length=1, max_length=4096)
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
-class IngestBatch(BaseModel):
-    items: list[BatchItem] = Field(min_length=1, max_length=500)
-    gpu: bool = False
-    webhook_url: str | None = None
-
-
-def _accepted(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "task_id": record["task_id"],
-        "status": record["status"],
-        "content_type": record["content_type"],
-        "route": record["route"],
-    }
-
-
-@router.post("/file", status_code=202, dependencies=[Depends(limit_body)])
+@router.post(
+    "/file",
+    status_code=202,
+    response_model=Accepted,
+    dependencies=[Depends(limit_body)],
+    responses=errors(413, 415),
+)
 async def ingest_file(
     file: UploadFile = File(...),
-    gpu: bool = Form(default=False),
-    metadata: str | None = Form(default=None),
-    options: str | None = Form(default=None),
-    webhook_url: str | None = Form(default=None),
+    gpu: bool = Form(default=False, description="run on a GPU worker when one is alive"),
+    metadata: str | None = Form(default=None, description="JSON object, stored with the chunks"),
+    options: str | None = Form(default=None, description="JSON object (see JobOptions)"),
+    webhook_url: str | None = Form(default=None, max_length=4096),
     svc: Services = Depends(services),
-) -> dict[str, Any]:
+) -> Accepted:
     try:
-        opts = parse_json_object(options, "options")
+        opts = check_options(parse_json_object(options, "options"))
         meta = parse_json_object(metadata, "metadata")
         accepted = await run_in_threadpool(accept_upload, svc, file, opts)
         record = await run_in_threadpool(
@@ -80,11 +81,11 @@ def _url_job(svc: Services, url: str, options: dict[str, Any]) -> tuple[str, dic
         urls.check_url(url, svc.settings.url_allowlist)
     except urls.UrlRefused as exc:
         raise BadInput(422, f"URL refused ({url}): {exc}") from exc
-    return url_content_type(url, options), {"type": "url", "url": url}
+    return url_content_type(url, check_options(options)), {"type": "url", "url": url}
 
 
-@router.post("/url", status_code=202)
-def ingest_url(body: IngestUrl, svc: Services = Depends(services)) -> dict[str, Any]:
+@router.post("/url", status_code=202, response_model=Accepted, responses=errors(413, 415))
+def ingest_url(body: IngestUrl, svc: Services = Depends(services)) -> Accepted:
     try:
         content_type, source = _url_job(svc, body.url, body.options)
         record = submit(
@@ -102,8 +103,8 @@ def ingest_url(body: IngestUrl, svc: Services = Depends(services)) -> dict[str, 
     return _accepted(record)
 
 
-@router.post("/batch", status_code=202)
-def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> dict[str, Any]:
+@router.post("/batch", status_code=202, response_model=BatchAccepted, responses=errors(413, 415))
+def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> BatchAccepted:
     # Validate every item first: a batch is accepted whole or not at all.
     try:
         jobs = [(_url_job(svc, item.url, item.options), item.options) for item in body.items]
@@ -127,26 +128,26 @@ def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> dict[s
     except BadInput as exc:  # the webhook URL is checked with the first item
         raise bad_input(exc) from exc
     svc.store.save_batch(batch_id, [r["task_id"] for r in records])
-    return {
-        "batch_id": batch_id,
-        "task_ids": [r["task_id"] for r in records],
-        "routes": [r["route"] for r in records],
-    }
+    return BatchAccepted(
+        batch_id=batch_id,
+        task_ids=[r["task_id"] for r in records],
+        routes=[r["route"] for r in records],
+    )
 
 
-@router.delete("/{task_id}")
-def cancel(task_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+@router.delete("/{task_id}", response_model=Cancelled, responses=errors(404, 409))
+def cancel(task_id: str, svc: Services = Depends(services)) -> Cancelled:
     record = svc.store.get(task_id)
     if record is None:
-        raise HTTPException(404, f"unknown task id {task_id}")
+        raise ApiError(404, f"unknown task id {task_id}")
     if record["status"] in TERMINAL:
-        raise HTTPException(409, f"job {task_id} already ended: {record['status']}")
+        raise ApiError(409, f"job {task_id} already ended: {record['status']}", "already_ended")
     record = svc.store.cancel(task_id)
     if record is None or record["status"] != "cancelled":
-        raise HTTPException(409, f"job {task_id} ended before it could be cancelled")
+        raise ApiError(409, f"job {task_id} ended before it could be cancelled", "already_ended")
     # Stop it if a worker is running it; a queued message is skipped when delivered.
     celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
     if record["source"]["type"] == "file":
         files.remove_upload(svc.settings.uploads_dir, record["source"]["file_id"])
     notify_end(svc.redis, record)
-    return {"task_id": task_id, "status": record["status"]}
+    return Cancelled(task_id=task_id, status=record["status"])

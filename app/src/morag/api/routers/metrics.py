@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from morag.api.deps import require_metrics_token, services
+from morag.api.schemas import ErrorBody
 from morag.submission import Services
 
 router = APIRouter(tags=["metrics"])
@@ -21,8 +22,9 @@ router = APIRouter(tags=["metrics"])
     response_class=Response,
     responses={
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
-        401: {"description": "missing or invalid metrics token"},
-        404: {"description": "metrics disabled (MORAG_METRICS_TOKEN unset)"},
+        401: {"model": ErrorBody, "description": "missing or invalid metrics token"},
+        404: {"model": ErrorBody, "description": "metrics disabled (MORAG_METRICS_TOKEN unset)"},
+        422: {"model": ErrorBody, "description": "invalid input"},
     },
 )
 def metrics(svc: Services = Depends(services)) -> Response:

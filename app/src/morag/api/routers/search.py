@@ -10,25 +10,20 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from morag.api.deps import ApiKey, services
+from morag.api.errors import ApiError
+from morag.api.schemas import Deleted, SearchAnswer, SearchRequest, errors
 from morag.config import STORE_QUEUE
 from morag.jobs import new_id
 from morag.submission import Services
 from morag.worker import celery_app
 
-router = APIRouter(prefix="/api/v1/search", tags=["search"], dependencies=[ApiKey])
-
-FilterValue = str | int | float | bool | list[str] | list[int]
-
-
-class SearchRequest(BaseModel):
-    query: str = Field(min_length=1, max_length=4000)
-    limit: int = Field(default=5, ge=1, le=100)
-    filter: dict[str, FilterValue] | None = None
+router = APIRouter(
+    prefix="/api/v1/search", tags=["search"], dependencies=[ApiKey], responses=errors()
+)
 
 
 def _ask_store(svc: Services, op: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -41,26 +36,27 @@ def _ask_store(svc: Services, op: str, params: dict[str, Any]) -> dict[str, Any]
         if item is not None:
             answer = json.loads(item[1])
             if "error" in answer:
-                raise HTTPException(503, f"vector store error: {answer['error']}")
+                raise ApiError(503, f"vector store error: {answer['error']}", "store_error")
             return answer
-    raise HTTPException(
+    raise ApiError(
         503,
         f"no answer from a {STORE_QUEUE} worker within {svc.settings.search_timeout:.0f}s "
         f"(is `morag worker --queue {STORE_QUEUE}` running?)",
+        "store_unavailable",
     )
 
 
-@router.post("")
-async def search(body: SearchRequest, svc: Services = Depends(services)) -> dict[str, Any]:
+@router.post("", response_model=SearchAnswer)
+async def search(body: SearchRequest, svc: Services = Depends(services)) -> SearchAnswer:
     params = {"query": body.query, "limit": body.limit, "filter": body.filter}
     answer = await run_in_threadpool(_ask_store, svc, "search", params)
-    return {"query": body.query, "count": len(answer["results"]), "results": answer["results"]}
+    return SearchAnswer(query=body.query, count=len(answer["results"]), results=answer["results"])
 
 
-@router.delete("/source")
+@router.delete("/source", response_model=Deleted)
 async def delete_source(
     source: str = Query(min_length=1, max_length=4096, description="file name or URL"),
     svc: Services = Depends(services),
-) -> dict[str, Any]:
+) -> Deleted:
     answer = await run_in_threadpool(_ask_store, svc, "delete", {"filter": {"source": source}})
-    return {"source": source, "deleted": answer["deleted"]}
+    return Deleted(source=source, deleted=answer["deleted"])

@@ -6,61 +6,68 @@ The fixed paths are declared before ``/{task_id}`` so they are never read as a j
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Query
 
 from morag.api.deps import ApiKey, services, wait_for_end
+from morag.api.errors import ApiError
+from morag.api.params import Paging, paging
+from morag.api.schemas import BatchStatus, Job, JobPage, QueuesAnswer, QueueStats, errors
 from morag.config import DECLARED_QUEUES
 from morag.jobs import public_view
 from morag.submission import Services
 
-router = APIRouter(prefix="/api/v1/status", tags=["status"], dependencies=[ApiKey])
+router = APIRouter(
+    prefix="/api/v1/status", tags=["status"], dependencies=[ApiKey], responses=errors()
+)
 
 
-@router.get("/")
-def active_jobs(svc: Services = Depends(services)) -> dict[str, Any]:
-    jobs = [public_view(r) for r in svc.store.get_many(svc.store.active_ids())]
-    return {"count": len(jobs), "jobs": jobs}
+@router.get("/", response_model=JobPage)
+def active_jobs(page: Paging = Depends(paging), svc: Services = Depends(services)) -> JobPage:
+    """Queued and running jobs, oldest id first (ids are random: the order is stable, not
+    chronological), one page at a time."""
+    ids = svc.store.active_ids()
+    jobs = [public_view(r) for r in svc.store.get_many(page.cut(ids))]
+    return JobPage(total=len(ids), count=len(jobs), offset=page.offset, limit=page.limit, jobs=jobs)
 
 
-@router.get("/stats/queues")
-def queue_stats(svc: Services = Depends(services)) -> dict[str, Any]:
+@router.get("/stats/queues", response_model=QueuesAnswer)
+def queue_stats(svc: Services = Depends(services)) -> QueuesAnswer:
     state = svc.fleet.get()
     queues = {}
     for name in DECLARED_QUEUES:
         consumers = [b["name"] for b in state.heartbeats if name in b.get("consuming", [])]
-        queues[name] = {
-            "pending": state.snapshot.queue_lengths.get(name, 0),
-            "consumers": len(consumers),
-            "workers": sorted(consumers),
-        }
-    return {"queues": queues}
+        queues[name] = QueueStats(
+            pending=state.snapshot.queue_lengths.get(name, 0),
+            consumers=len(consumers),
+            workers=sorted(consumers),
+        )
+    return QueuesAnswer(queues=queues)
 
 
-@router.get("/batch/{batch_id}")
-def batch_status(batch_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+@router.get("/batch/{batch_id}", response_model=BatchStatus, responses=errors(404))
+def batch_status(batch_id: str, svc: Services = Depends(services)) -> BatchStatus:
     task_ids = svc.store.get_batch(batch_id)
     if task_ids is None:
-        raise HTTPException(404, f"unknown batch id {batch_id}")
+        raise ApiError(404, f"unknown batch id {batch_id}")
     records = svc.store.get_many(task_ids)
-    return {
-        "batch_id": batch_id,
-        "total": len(task_ids),
-        "counts": dict(Counter(r["status"] for r in records)),
-        "task_ids": task_ids,
-    }
+    return BatchStatus(
+        batch_id=batch_id,
+        total=len(task_ids),
+        counts=dict(Counter(r["status"] for r in records)),
+        task_ids=task_ids,
+    )
 
 
-@router.get("/{task_id}")
+@router.get("/{task_id}", response_model=Job, responses=errors(404))
 async def job_status(
     task_id: str,
     wait: float = Query(
         default=0, ge=0, le=60, description="long-poll: seconds to wait for the end"
     ),
     svc: Services = Depends(services),
-) -> dict[str, Any]:
+) -> Job:
     record = await wait_for_end(svc, task_id, wait)
     if record is None:
-        raise HTTPException(404, f"unknown task id {task_id}")
-    return public_view(record)
+        raise ApiError(404, f"unknown task id {task_id}")
+    return Job.model_validate(public_view(record))

@@ -1,0 +1,374 @@
+"""``/v1/audio/transcriptions`` and ``/v1/audio/translations``: OpenAI's transcription API
+on the fleet, for the ``openai`` SDK and every tool built on it.
+
+The request fields and the answers are OpenAI's (``response_format`` json, text, srt, vtt,
+verbose_json; ``timestamp_granularities[]`` segment, word); the API key travels as
+``Authorization: Bearer <key>``. The job takes the same path as ``/process/file``: the
+upload lands in the shared directory, ``gpu`` (form field; default MORAG_OPENAI_GPU) picks
+the route with the usual CPU fallback, and the answer waits for the result (at most
+MORAG_OPENAI_WAIT seconds; then 504 with the job id, which ``/api/v1/status`` still serves).
+Two additions: ``vad_filter`` (skip silence) and the ``X-MoRAG-*`` answer headers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from morag import files, subtitles
+from morag.api.deps import AuthFailure, _matches, accept_upload, services, wait_for_end
+from morag.api.errors import ApiError
+from morag.jobs import SUCCEEDED, Record
+from morag.submission import BadInput, Services, submit
+
+DEFAULT_MODEL = "whisper-1"  # OpenAI's name; here: the configured MORAG_WHISPER_MODEL
+SPEECH_TYPES = ("audio", "video")
+
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+Granularity = Literal["segment", "word"]
+
+
+# -- OpenAI's bodies -----------------------------------------------------------------------
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(examples=["invalid_request_error"])
+    param: str | None = None
+    code: str | None = Field(default=None, examples=["invalid_input"])
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class Usage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: int = Field(ge=0)
+
+
+class Transcription(BaseModel):
+    """``response_format=json``."""
+
+    text: str
+    usage: Usage | None = None
+
+
+class VerboseSegment(BaseModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class VerboseWord(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptionVerbose(BaseModel):
+    """``response_format=verbose_json``; ``words`` with ``timestamp_granularities[]=word``."""
+
+    task: Literal["transcribe", "translate"]
+    language: str = Field(description="ISO 639-1 code of the spoken (detected) language")
+    duration: float
+    text: str
+    segments: list[VerboseSegment] | None = None
+    words: list[VerboseWord] | None = None
+    usage: Usage | None = None
+
+
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIError, "description": text}
+    for status, text in {
+        400: "invalid request, or audio that cannot be transcribed",
+        401: "missing or invalid API key",
+        403: "invalid API key",
+        413: "upload too large",
+        415: "not an audio or video file",
+        # Declared so the schema has no FastAPI default here: invalid fields answer 400.
+        422: "not answered by these routes (invalid fields: 400, as OpenAI does)",
+        503: "Redis unavailable",
+        504: "no result within MORAG_OPENAI_WAIT (the job goes on: X-MoRAG-Task-Id)",
+    }.items()
+}
+ANSWERS: dict[int | str, dict[str, Any]] = {
+    **OPENAI_ERRORS,
+    200: {
+        "description": "json and verbose_json: a JSON object; text, srt, vtt: plain text",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+}
+
+
+# -- authentication ------------------------------------------------------------------------
+
+
+def bearer_key(authorization: str | None, keys: list[str]) -> None:
+    """``Authorization: Bearer <API key>`` (OpenAI's SDKs send nothing else); raises
+    AuthFailure. Also used by the ASGI guard, before the upload is read."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise AuthFailure(
+            401, "missing API key: send Authorization: Bearer <API key>", "no_api_key"
+        )
+    if not _matches(given.strip(), keys):
+        raise AuthFailure(401, "invalid API key", "invalid_api_key")
+
+
+def require_bearer(request: Request, authorization: str | None = Header(default=None)) -> None:
+    try:
+        bearer_key(authorization, services(request).settings.api_key_values())
+    except AuthFailure as exc:
+        raise ApiError(
+            exc.status, exc.detail, exc.code, headers={"WWW-Authenticate": "Bearer"}
+        ) from exc
+
+
+router = APIRouter(prefix="/v1/audio", tags=["openai"], dependencies=[Depends(require_bearer)])
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+def _check_model(model: str, svc: Services) -> None:
+    accepted = {DEFAULT_MODEL, svc.settings.whisper_model}
+    if model not in accepted:
+        raise ApiError(
+            400,
+            f"model {model!r} is not served here: use {' or '.join(sorted(accepted))} "
+            "(the fleet runs MORAG_WHISPER_MODEL)",
+            "model_not_found",
+            param="model",
+        )
+
+
+def _submit(svc: Services, upload: UploadFile, options: dict[str, Any], gpu: bool) -> Record:
+    accepted = accept_upload(svc, upload, {})
+    if accepted["content_type"] not in SPEECH_TYPES:
+        files.remove_upload(svc.settings.uploads_dir, accepted["source"]["file_id"])
+        raise BadInput(
+            415,
+            f"{upload.filename or 'the file'} is {accepted['content_type']}, not audio or "
+            "video: nothing to transcribe",
+        )
+    return submit(svc, kind="process", options=options, gpu=gpu, **accepted)
+
+
+def _headers(record: Record) -> dict[str, str]:
+    route = record.get("route") or {}
+    return {
+        "X-MoRAG-Task-Id": record["task_id"],
+        "X-MoRAG-Queue": str(route.get("queue", "")),
+        "X-MoRAG-Route": str(route.get("code", "")),
+    }
+
+
+def _verbose(result: dict[str, Any], task: str, granularities: list[str]) -> dict[str, Any]:
+    meta = result.get("metadata") or {}
+    segments = result.get("segments") or []
+    body: dict[str, Any] = {
+        "task": task,
+        "language": meta.get("language") or "en",
+        "duration": float(meta.get("duration") or 0.0),
+        "text": result.get("content", ""),
+        "usage": _usage(meta),
+    }
+    if "segment" in granularities or not granularities:
+        body["segments"] = [
+            {
+                "id": s.get("id", n),
+                "seek": s.get("seek", 0),
+                "start": s["start"],
+                "end": s["end"],
+                "text": s["text"],
+                "tokens": s.get("tokens", []),
+                "temperature": s.get("temperature") or 0.0,
+                "avg_logprob": s.get("avg_logprob", 0.0),
+                "compression_ratio": s.get("compression_ratio", 0.0),
+                "no_speech_prob": s.get("no_speech_prob", 0.0),
+            }
+            for n, s in enumerate(segments)
+        ]
+    if "word" in granularities:
+        body["words"] = [
+            {"word": w["word"].strip(), "start": w["start"], "end": w["end"]}
+            for s in segments
+            for w in s.get("words") or []
+        ]
+    return body
+
+
+def _usage(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "duration", "seconds": math.ceil(float(meta.get("duration") or 0.0))}
+
+
+def render(
+    result: dict[str, Any], fmt: str, task: str, granularities: list[str], headers: dict[str, str]
+) -> Response | BaseModel:
+    if fmt == "text":
+        return PlainTextResponse(result.get("content", "") + "\n", headers=headers)
+    if fmt in subtitles.FORMATS:
+        media = "text/vtt" if fmt == "vtt" else "text/plain"
+        text = subtitles.render(fmt, result.get("segments") or [])
+        return PlainTextResponse(text, media_type=media, headers=headers)
+    if fmt == "verbose_json":
+        return TranscriptionVerbose.model_validate(_verbose(result, task, granularities))
+    return Transcription(text=result.get("content", ""), usage=_usage(result.get("metadata") or {}))
+
+
+async def _run(
+    *,
+    svc: Services,
+    file: UploadFile,
+    model: str,
+    task: str,
+    language: str | None,
+    prompt: str | None,
+    temperature: float | None,
+    fmt: str,
+    granularities: list[str],
+    vad_filter: bool,
+    gpu: bool | None,
+    response: Response,
+) -> Any:
+    _check_model(model, svc)
+    if granularities and fmt != "verbose_json":
+        raise ApiError(
+            400,
+            "timestamp_granularities[] needs response_format=verbose_json",
+            "invalid_input",
+            param="timestamp_granularities",
+        )
+    options: dict[str, Any] = {
+        "task": task,
+        "vad_filter": vad_filter,
+        "word_timestamps": "word" in granularities,
+        "segment_details": fmt == "verbose_json",
+    }
+    if language:
+        options["language"] = language
+    if prompt:
+        options["prompt"] = prompt
+    if temperature is not None:
+        options["temperature"] = temperature
+    use_gpu = svc.settings.openai_gpu if gpu is None else gpu
+    try:
+        record = await run_in_threadpool(_submit, svc, file, options, use_gpu)
+    except BadInput as exc:
+        raise ApiError(exc.status, exc.detail, param="file") from exc
+    final = await wait_for_end(svc, record["task_id"], svc.settings.openai_wait) or record
+    headers = _headers(final)
+    if final["status"] == SUCCEEDED:
+        response.headers.update(headers)
+        return render(final["result"] or {}, fmt, task, granularities, headers)
+    if final["status"] in ("queued", "running"):
+        raise ApiError(
+            504,
+            f"no result within {svc.settings.openai_wait:.0f}s; the job goes on: "
+            f"GET /api/v1/status/{final['task_id']}",
+            "timeout",
+            headers=headers,
+        )
+    raise ApiError(
+        400,
+        f"transcription failed (job {final['task_id']}): {final['error'] or final['status']}",
+        "processing_failed",
+        param="file",
+        headers=headers,
+    )
+
+
+# -- the routes ----------------------------------------------------------------------------
+
+_GPU = Form(
+    default=None,
+    description="run on a GPU worker when one is alive (default: MORAG_OPENAI_GPU)",
+)
+_VAD = Form(default=False, description="skip silence (faster-whisper's Silero VAD)")
+_FORMAT = Form(default="json", description="json, text, srt, vtt or verbose_json")
+_MODEL = Form(description=f"{DEFAULT_MODEL} (or MORAG_WHISPER_MODEL's name)")
+_TEMPERATURE = Form(default=None, ge=0, le=1)
+_PROMPT = Form(default=None, max_length=2000)
+
+
+@router.post(
+    "/transcriptions",
+    response_model=Transcription | TranscriptionVerbose,
+    responses=ANSWERS,
+    summary="Transcribe audio (OpenAI-compatible)",
+)
+async def transcriptions(
+    response: Response,
+    file: UploadFile = File(..., description="audio or video"),
+    model: str = _MODEL,
+    language: str | None = Form(default=None, min_length=2, max_length=8),
+    prompt: str | None = _PROMPT,
+    temperature: float | None = _TEMPERATURE,
+    response_format: ResponseFormat = _FORMAT,
+    timestamp_granularities: list[Granularity] = Form(
+        default=[], alias="timestamp_granularities[]", description="segment and/or word"
+    ),
+    vad_filter: bool = _VAD,
+    gpu: bool | None = _GPU,
+    svc: Services = Depends(services),
+) -> Any:
+    return await _run(
+        svc=svc,
+        file=file,
+        model=model,
+        task="transcribe",
+        language=language,
+        prompt=prompt,
+        temperature=temperature,
+        fmt=response_format,
+        granularities=list(dict.fromkeys(timestamp_granularities)),
+        vad_filter=vad_filter,
+        gpu=gpu,
+        response=response,
+    )
+
+
+@router.post(
+    "/translations",
+    response_model=Transcription | TranscriptionVerbose,
+    responses=ANSWERS,
+    summary="Translate audio into English text (OpenAI-compatible)",
+)
+async def translations(
+    response: Response,
+    file: UploadFile = File(..., description="audio or video"),
+    model: str = _MODEL,
+    prompt: str | None = _PROMPT,
+    temperature: float | None = _TEMPERATURE,
+    response_format: ResponseFormat = _FORMAT,
+    vad_filter: bool = _VAD,
+    gpu: bool | None = _GPU,
+    svc: Services = Depends(services),
+) -> Any:
+    return await _run(
+        svc=svc,
+        file=file,
+        model=model,
+        task="translate",
+        language=None,
+        prompt=prompt,
+        temperature=temperature,
+        fmt=response_format,
+        granularities=[],
+        vad_filter=vad_filter,
+        gpu=gpu,
+        response=response,
+    )

@@ -1,0 +1,363 @@
+"""Every request and response body of the HTTP API, as pydantic models.
+
+The routers declare these as ``response_model`` so ``/openapi.json`` (and docs/api.md,
+generated from it) describes what the API really answers; schemathesis checks it.
+
+Parameter placement, the same on every route ("one way per parameter"):
+- Job parameters (``gpu``, ``options``, ``metadata``, ``webhook_url``) travel in the request
+  body: form fields in a multipart upload, members of the JSON object otherwise.
+- The query string carries only read modifiers: ``wait`` (long-poll), ``limit``/``offset``
+  (paging), ``source`` (what to delete). ``?gpu=`` on ``/process/*`` is still read for old
+  clients but is deprecated.
+- Lists are paged: ``limit`` (1-500, default 100) and ``offset``; the answer holds the
+  page and ``total``.
+
+Records in Redis keep their dict shape (``morag.jobs``); these models are the contract.
+Models that mirror stored records allow extra members so a new field in a record never
+turns an answer into a 500.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- shared pieces -------------------------------------------------------------------------
+
+
+class JobStatus(str, Enum):
+    """A job's state. ``succeeded``, ``failed`` and ``cancelled`` are final."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class Open(BaseModel):
+    """A stored structure: known members typed, new members passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Route(Open):
+    """Where a job was sent and why. ``code`` is stable and machine-readable:
+    not_requested, gpu_worker, no_gpu_worker, no_capable_gpu, backlog, gpu_failure,
+    worker_lost, rescued. ``reason`` is for people."""
+
+    queue: str = Field(examples=["gpu-tasks"])
+    gpu_requested: bool
+    code: str = Field(examples=["gpu_worker"])
+    reason: str
+
+
+class Attempt(Open):
+    """One run of the job on one worker."""
+
+    queue: str
+    worker: str
+    device: str = Field(description="cpu or cuda")
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+
+
+class Word(Open):
+    start: float
+    end: float
+    word: str
+    probability: float | None = None
+
+
+class Segment(Open):
+    start: float = Field(description="seconds")
+    end: float = Field(description="seconds")
+    text: str
+    words: list[Word] | None = Field(
+        default=None, description="with options.word_timestamps = true"
+    )
+
+
+class Result(Open):
+    """What a processor produced. Audio, video and YouTube add ``segments`` and
+    ``metadata.device``, ``metadata.model``, ``metadata.duration``, ``metadata.language``;
+    ``subtitles`` holds the formats asked for in ``options.subtitles``."""
+
+    content: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    segments: list[Segment] | None = None
+    subtitles: dict[str, str] | None = Field(
+        default=None, description="format (srt, vtt) -> subtitle file text"
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error of the native API. ``code`` is stable and machine-readable."""
+
+    detail: str = Field(description="for people")
+    code: str = Field(
+        description="unauthorized, forbidden, not_found, conflict, too_large, "
+        "unsupported_type, invalid_input, processing_failed, unavailable, internal_error",
+        examples=["invalid_input"],
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="per-field problems of a request that failed validation"
+    )
+
+
+# Error statuses every authenticated route can answer; routers add their own.
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing credentials"},
+    403: {"model": ErrorBody, "description": "invalid credentials"},
+    422: {"model": ErrorBody, "description": "invalid input"},
+    503: {"model": ErrorBody, "description": "a dependency (Redis, the store worker) is down"},
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """COMMON_ERRORS plus the given statuses, all with the ErrorBody model."""
+    described = {
+        404: "unknown id",
+        409: "the job already ended",
+        413: "upload too large",
+        415: "unsupported content type",
+        504: "no answer in time",
+    }
+    more = {s: {"model": ErrorBody, "description": described.get(s, "error")} for s in statuses}
+    return {**COMMON_ERRORS, **more}
+
+
+# -- job options ---------------------------------------------------------------------------
+
+SubtitleFormat = Literal["srt", "vtt"]
+
+
+class JobOptions(Open):
+    """``options``: what the processor should do. Unknown members are passed to the
+    processor as they are; the members below are checked here."""
+
+    content_type: str | None = Field(
+        default=None, description="force a processor (audio, video, document, ...)"
+    )
+    language: str | None = Field(
+        default=None,
+        min_length=2,
+        max_length=8,
+        description="spoken language (ISO 639-1); unset: detected (metadata.language)",
+    )
+    task: Literal["transcribe", "translate"] = Field(
+        default="transcribe", description="translate: transcribe into English"
+    )
+    word_timestamps: bool = Field(default=False, description="segments[].words with times")
+    vad_filter: bool = Field(
+        default=False, description="skip silence with faster-whisper's bundled Silero VAD"
+    )
+    subtitles: list[SubtitleFormat] = Field(
+        default_factory=list, description="result.subtitles in these formats"
+    )
+    prompt: str | None = Field(default=None, max_length=2000, description="initial prompt")
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    beam_size: int = Field(default=1, ge=1, le=10)
+    ocr_languages: str | None = Field(
+        default=None,
+        max_length=100,
+        pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$",
+        description="tesseract languages for images, e.g. eng+deu",
+    )
+
+
+# -- requests ------------------------------------------------------------------------------
+
+# The schema states what the API checks (urls.check_url): http(s) only. Whether the host is
+# public and resolves is decided at submission (422), which no schema can express.
+HTTP_URL = Field(
+    min_length=1,
+    max_length=4096,
+    json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://", "format": "uri"},
+    description="http(s) URL of a public host (or one in MORAG_URL_ALLOWLIST)",
+)
+
+
+class ProcessUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = HTTP_URL
+    gpu: bool | None = Field(default=None, description="run on a GPU worker when one is alive")
+    options: dict[str, Any] = Field(default_factory=dict, description="see JobOptions")
+
+
+class IngestUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = HTTP_URL
+    gpu: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict, description="stored with the chunks")
+    options: dict[str, Any] = Field(default_factory=dict, description="see JobOptions")
+    webhook_url: str | None = Field(default=None, max_length=4096)
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = HTTP_URL
+    options: dict[str, Any] = Field(default_factory=dict, description="see JobOptions")
+
+
+class IngestBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BatchItem] = Field(min_length=1, max_length=500)
+    gpu: bool = False
+    webhook_url: str | None = Field(default=None, max_length=4096)
+
+
+FilterValue = str | int | float | bool | list[str] | list[int]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=4000)
+    limit: int = Field(default=5, ge=1, le=100)
+    filter: dict[str, FilterValue] | None = Field(
+        default=None, description="payload member -> value (a list: any of)"
+    )
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+class Processed(BaseModel):
+    """``/process/*`` when the job ended in time."""
+
+    task_id: str
+    route: Route
+    result: Result
+    processing_time: float = Field(description="seconds, submission to answer")
+
+
+class StillRunning(BaseModel):
+    """``/process/*`` (202) when the job outlasts MORAG_PROCESS_WAIT: poll its status."""
+
+    task_id: str
+    route: Route
+    status: JobStatus
+
+
+class Accepted(BaseModel):
+    """``/api/v1/ingest/file`` and ``/url`` (202)."""
+
+    task_id: str
+    status: JobStatus
+    content_type: str
+    route: Route
+
+
+class BatchAccepted(BaseModel):
+    batch_id: str
+    task_ids: list[str]
+    routes: list[Route]
+
+
+class Cancelled(BaseModel):
+    task_id: str
+    status: JobStatus
+
+
+class Job(BaseModel):
+    """A job as clients see it."""
+
+    task_id: str
+    status: JobStatus
+    content_type: str
+    route: Route
+    progress: float = Field(ge=0, le=1)
+    attempts: list[Attempt]
+    result: Result | None = None
+    error: str | None = None
+    created_at: str
+    updated_at: str
+    batch_id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    waiting_for: str | None = Field(
+        default=None, description="what a job that is not moving waits for (e.g. a store worker)"
+    )
+
+
+class Page(BaseModel):
+    total: int = Field(ge=0, description="items in the whole list")
+    count: int = Field(ge=0, description="items in this page")
+    offset: int = Field(ge=0)
+    limit: int = Field(ge=1)
+
+
+class JobPage(Page):
+    jobs: list[Job]
+
+
+class BatchStatus(BaseModel):
+    batch_id: str
+    total: int
+    counts: dict[str, int] = Field(description="jobs by status")
+    task_ids: list[str]
+
+
+class QueueStats(BaseModel):
+    pending: int = Field(ge=0, description="messages waiting")
+    consumers: int = Field(ge=0, description="live workers consuming it")
+    workers: list[str]
+
+
+class QueuesAnswer(BaseModel):
+    queues: dict[str, QueueStats]
+
+
+class Worker(Open):
+    """A live worker's heartbeat."""
+
+    name: str
+    queues: list[str]
+    device: str
+    busy: bool
+    processors: list[str] = Field(default_factory=list)
+    consuming: list[str] = Field(default_factory=list)
+    gpus: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class WorkerPage(Page):
+    workers: list[Worker]
+
+
+class SearchHit(Open):
+    score: float
+    text: str
+
+
+class SearchAnswer(BaseModel):
+    query: str
+    count: int
+    results: list[SearchHit]
+
+
+class Deleted(BaseModel):
+    source: str
+    deleted: int
+
+
+class Health(BaseModel):
+    """``GET /health``."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """``GET /ready``: 200 ready or degraded, 503 not ready; ``checks`` per dependency."""
+
+    status: Literal["ready", "degraded", "not ready"]
+    checks: dict[str, str]
