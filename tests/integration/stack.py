@@ -135,6 +135,11 @@ class Stack:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
+    def jobs_in_redis(self) -> list[dict[str, Any]]:
+        """Every job record in this stack's database (accepted or not)."""
+        keys = list(self.redis.scan_iter("morag:job:*", count=500))
+        return [json.loads(raw) for raw in self.redis.mget(keys) if raw] if keys else []
+
     def stop(self, name: str, timeout: float = 60) -> None:
         """SIGTERM: Celery's warm shutdown (the running job finishes)."""
         proc = self.procs.pop(name)
@@ -232,6 +237,102 @@ class Scrape:
         """The sum of the samples of ``name`` whose labels include ``labels``; None if none."""
         found = self.series(name, **labels)
         return sum(s.value for s in found) if found else None
+
+
+class OwnRedis:
+    """A redis-server of one test, persisted as the redis role configures it (AOF,
+    ``appendfsync everysec``), that can be restarted, killed or paused on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.conftest import free_port
+
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        from tests.conftest import REDIS_PASSWORD
+
+        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url(), socket_timeout=5)
+
+    def start(self) -> None:
+        from tests.conftest import REDIS_PASSWORD
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.dir)]
+        args += ["--requirepass", REDIS_PASSWORD]
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+        def answers() -> bool:
+            try:
+                return bool(self.client().ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 30, "redis-server to answer", interval=0.05)
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its AOF and exits (what `systemctl restart` does)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self, down_for: float) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def pause_writes(self, seconds: float) -> None:
+        """CLIENT PAUSE WRITE: every write (and publish) waits until the pause ends."""
+        self.client().execute_command("CLIENT", "PAUSE", int(seconds * 1000), "WRITE")
+
+    def acl_keys(self, *patterns: str) -> None:
+        """Limit the default user to these key patterns (``*`` gives everything back)."""
+        self.client().execute_command("ACL", "SETUSER", "default", "resetkeys", *patterns)
+
+
+@contextlib.contextmanager
+def own_redis(workdir: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@contextlib.contextmanager
+def stack_on_own_redis(root: Path, **settings: Any) -> Iterator[tuple[Stack, OwnRedis]]:
+    """A Stack on a Redis of its own (to restart, pause or restrict); logs shown at the end."""
+    from tests.conftest import free_port
+
+    with own_redis(root / "redis") as server:
+        stack = Stack(server.url(0), root, free_port(), **settings)
+        try:
+            yield stack, server
+        finally:
+            for log in sorted(stack.logs.glob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-40:]
+                print(f"----- {log.name} (last {len(lines)} lines) -----")
+                print("\n".join(lines))
+            if server.proc is None:
+                server.start()
+            stack.close()
 
 
 @contextlib.contextmanager

@@ -3,9 +3,14 @@ cancellation. Faults come from MORAG_FAULT_INJECTION (on in test stacks only).""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
 from pathlib import Path
 
-from tests.integration.stack import FLEET, Stack, wait_until
+import httpx
+
+from tests.integration.stack import FLEET, Stack, stack_on_own_redis, wait_until
 
 
 def _started(stack: Stack, stack_job: dict, worker: str) -> dict:
@@ -152,3 +157,135 @@ def test_graceful_stop_finishes_the_running_job(make_stack, speech_wav: Path) ->
     assert job["status"] == "succeeded"
     assert [a["worker"] for a in job["attempts"]] == ["gpu0@test"]
     assert stack.heartbeat("gpu0@test") is None
+
+
+# -- stranded records, broker refusals, Redis blips, the store, time limits (issue 9) -------
+
+
+def test_api_dying_between_record_and_message_strands_nothing(make_stack, speech_wav: Path) -> None:
+    stack = make_stack(outbox_grace=1)
+    stack.start(FLEET)
+    with stack.client() as c, open(speech_wav, "rb") as f, contextlib.suppress(httpx.HTTPError):
+        c.post(
+            "/api/v1/ingest/file",
+            files={"file": ("speech.wav", f)},
+            data={"options": json.dumps({"fault": "api_dies_before_send"})},
+        )
+    stack.procs.pop("api").wait(10)
+    [record] = stack.jobs_in_redis()
+    assert record["status"] == "queued" and stack.redis.llen("celery") == 0
+    stack.start_api()
+    job = stack.wait_job(record["task_id"], timeout=60)
+    assert job["status"] == "succeeded", job
+    assert len(job["attempts"]) == 1
+    assert stack.redis.zcard("morag:outbox") == 0
+
+
+def test_broker_refusing_a_message_answers_503_and_strands_nothing(
+    tmp_path: Path, speech_wav: Path
+) -> None:
+    with stack_on_own_redis(tmp_path) as (stack, server):
+        stack.start_api()
+        # The broker's queues can be read but refuse writes; the job records do not.
+        server.acl_keys("~morag:*", "~_kombu.*", "%R~*")
+        with stack.client() as c, open(speech_wav, "rb") as f:
+            resp = c.post("/api/v1/ingest/file", files={"file": ("speech.wav", f)})
+        assert resp.status_code == 503, resp.text
+        assert "queue is unavailable" in resp.json()["detail"]
+        server.acl_keys("~*")
+        [record] = stack.jobs_in_redis()
+        assert record["status"] == "failed" and record["error"].startswith("not accepted")
+        assert stack.redis.scard("morag:jobs:active") == 0
+        assert stack.redis.zcard("morag:outbox") == 0
+
+
+def test_redis_restart_mid_job_costs_nothing(tmp_path: Path, speech_wav: Path) -> None:
+    with stack_on_own_redis(tmp_path) as (stack, server):
+        stack.start_api()
+        stack.start_worker("cpu0@test", "celery")
+        accepted = stack.ingest(speech_wav, gpu=False, options={"fault": "slow:6"})
+        stack.wait_job(accepted["task_id"], timeout=30, states=("running",))
+        server.restart(down_for=stack.TTL * 2)  # longer than the lease
+        job = stack.wait_job(accepted["task_id"], timeout=90)
+        assert job["status"] == "succeeded", job
+        # Not cancelled, not counted as a lost delivery, not run twice.
+        assert [(a["worker"], a["error"]) for a in job["attempts"]] == [("cpu0@test", None)]
+        assert stack.redis.get(f"morag:job:{accepted['task_id']}") is not None
+        assert json.loads(stack.redis.get(f"morag:job:{accepted['task_id']}"))["deliveries"] == 1
+
+
+def test_hard_time_limit_fails_the_job_once(make_stack, speech_wav: Path) -> None:
+    stack = make_stack(job_time_limit=3, max_deliveries=3)
+    stack.start_api()
+    stack.start_worker("cpu0@test", "celery")
+    accepted = stack.ingest(speech_wav, gpu=False, options={"fault": "stuck:60"})
+    job = stack.wait_job(accepted["task_id"], timeout=60)
+    assert job["status"] == "failed", job
+    assert job["error"].startswith("ran out of time"), job["error"]
+    assert len(job["attempts"]) == 1 and job["attempts"][0]["error"] == job["error"]
+    # It stays failed: no redelivery, no second attempt.
+    time.sleep(stack.TTL * 3)
+    assert len(stack.job(accepted["task_id"])["attempts"]) == 1
+    assert stack.alive("cpu0@test")
+
+
+def test_without_a_store_worker_ready_and_the_job_say_so_and_storing_errors_retry(
+    make_stack, speech_wav: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the vector store's directory should be")
+    stack = make_stack(
+        store_ingested="true",
+        qdrant_path=blocker / "qdrant",
+        store_retry_backoff=0.5,
+        store_retries=8,
+    )
+    stack.start(FLEET)
+    accepted = stack.ingest(speech_wav, gpu=False)
+
+    def waiting() -> dict | None:
+        job = stack.job(accepted["task_id"])
+        return job if job["waiting_for"] and "none is alive" in job["waiting_for"] else None
+
+    job = wait_until(waiting, 30, "the job to say it waits for a store worker")
+    assert job["status"] == "running" and job["progress"] == 0.99
+    assert job["result"]["metadata"]["stored"] == "pending"
+    with stack.client() as c:
+        ready = c.get("/ready").json()
+    assert "no live morag-store worker" in ready["checks"]["store_worker"]
+    assert ready["status"] == "degraded"
+    # A store worker starts, but the vector store cannot be written: retried, not failed.
+    stack.start_worker("store@test", "morag-store")
+    retrying = wait_until(
+        lambda: "retry of the storing" in (stack.job(accepted["task_id"])["waiting_for"] or ""),
+        60,
+        "a storing retry",
+    )
+    assert retrying is True
+    assert stack.job(accepted["task_id"])["status"] == "running"
+    blocker.unlink()  # the vector store is back
+    job = stack.wait_job(accepted["task_id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["metadata"]["stored"] is True and job["waiting_for"] is None
+    with stack.client() as c:
+        assert c.get("/ready").json()["status"] == "ready"
+
+
+def test_a_store_message_parked_in_unacked_does_not_strand_the_job(
+    make_stack, speech_wav: Path, tmp_path: Path
+) -> None:
+    """The soak finding: after a Redis restart a cancelled store task left its message in
+    kombu's ``unacked`` hash until the 3-hour visibility timeout, the job at 0.99 for good."""
+    stack = make_stack(store_ingested="true", qdrant_path=tmp_path / "qdrant", store_resend_after=2)
+    stack.start({"cpu0@test": "celery"})
+    accepted = stack.ingest(speech_wav, gpu=False)
+    wait_until(lambda: stack.redis.llen("morag-store") == 1, 60, "the store message")
+    # Park it where a store worker that died holding it leaves it.
+    message = json.loads(stack.redis.rpop("morag-store"))
+    stack.redis.hset("unacked", "parked-tag", json.dumps([message, "morag-store", "morag-store"]))
+    stack.redis.zadd("unacked_index", {"parked-tag": time.time()})
+    stack.start_worker("store@test", "morag-store")
+    job = stack.wait_job(accepted["task_id"], timeout=60)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["metadata"]["stored"] is True
+    assert stack.redis.hexists("unacked", "parked-tag")  # still parked: the job did not wait

@@ -62,3 +62,87 @@ def test_orphan_requeue_needs_an_expired_lease(redis_server: RedisServer) -> Non
     requeued = store.requeue(task_id, route=ROUTE, error="lost", owner=None)
     assert requeued is not None and requeued["status"] == "queued"
     assert requeued["attempts"][-1]["error"] == "lost"
+
+
+def test_a_new_record_waits_in_the_outbox_until_its_message_is_sent(
+    redis_server: RedisServer,
+) -> None:
+    store = _store(redis_server)
+    store.outbox_grace = 0.0
+    record = new_record(
+        kind="process",
+        content_type="audio",
+        source={"type": "url", "url": "x"},
+        options={},
+        route=ROUTE,
+    )
+    store.create(record)
+    # The sender died here: the reconciler finds the record.
+    assert store.outbox_due() == [record["task_id"]]
+    store.sent(record["task_id"])
+    assert store.outbox_due() == []
+
+
+def test_the_api_ends_a_job_whose_message_the_broker_refused(redis_server: RedisServer) -> None:
+    store = _store(redis_server)
+    record = new_record(
+        kind="process",
+        content_type="audio",
+        source={"type": "url", "url": "x"},
+        options={},
+        route=ROUTE,
+    )
+    store.create(record)
+    failed = store.fail_unsent(record["task_id"], "not accepted: broker down")
+    assert failed["status"] == "failed" and failed["error"] == "not accepted: broker down"
+    assert store.outbox_size() == 0 and record["task_id"] not in store.active_ids()
+
+
+def test_a_result_survives_a_lease_lapsed_in_a_redis_outage(redis_server: RedisServer) -> None:
+    store = _store(redis_server)
+    task_id = _running(store, kind="process")
+    store.r.delete(f"morag:lease:{task_id}")  # Redis was out of reach longer than the lease
+    # The worker takes its lease back at its next heartbeat...
+    store.refresh_leases({task_id: "gpu0@h/1"})
+    assert store.lease_owner(task_id) == "gpu0@h/1"
+    store.r.delete(f"morag:lease:{task_id}")
+    # ...or simply records its result: nobody else took the job, so it counts.
+    assert store.finish(task_id, "gpu0@h/1", result={"content": "ok"})
+    assert store.get(task_id)["status"] == "succeeded"
+
+
+def test_a_late_result_loses_once_the_job_was_requeued(redis_server: RedisServer) -> None:
+    store = _store(redis_server)
+    task_id = _running(store, kind="process")
+    store.r.delete(f"morag:lease:{task_id}")
+    assert store.requeue(task_id, route=ROUTE, error="lost", owner=None) is not None
+    assert not store.finish(task_id, "gpu0@h/1", result={"content": "late"})
+    store.refresh_leases({task_id: "gpu0@h/1"})
+    assert store.lease_owner(task_id) is None
+    assert store.get(task_id)["status"] == "queued"
+
+
+def test_a_job_killed_by_the_hard_time_limit_fails_once(redis_server: RedisServer) -> None:
+    store = _store(redis_server)
+    task_id = _running(store, kind="process")
+    assert store.fail_timed_out(task_id, "gpu1@h", 60)["status"] == RUNNING  # not its job
+    record = store.fail_timed_out(task_id, "gpu0@h", 60)
+    assert record["status"] == "failed" and record["error"].startswith("ran out of time")
+    assert len(record["attempts"]) == 1 and record["attempts"][0]["error"] == record["error"]
+
+
+def test_requeue_and_store_hand_over_write_their_outbox_entry_with_the_record(
+    redis_server: RedisServer,
+) -> None:
+    """CPU fallback, watchdog requeue and store hand-over write the record before the
+    message: the same transaction marks it, so a sender dying in between strands nothing."""
+    store = _store(redis_server)
+    store.outbox_grace = 0.0
+    fallback = _running(store, kind="process")
+    store.sent(fallback)
+    assert store.requeue(fallback, route=ROUTE, error="CUDA oom", owner="gpu0@h/1", force_cpu=True)
+    handed = _running(store)
+    store.sent(handed)
+    assert store.hand_to_store(handed, "gpu0@h/1", result={"content": "x", "metadata": {}})
+    assert sorted(store.outbox_due()) == sorted([fallback, handed])
+    assert store.get(handed)["waiting_for"].startswith("a morag-store worker")

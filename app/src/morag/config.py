@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     docling_artifacts_path: Path | None = None  # docling's layout models for PDFs
     ocr_languages: str = "eng"  # tesseract -l value
     web_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Time limit of each ffmpeg / tesseract run and yt-dlp download (ffprobe: 60 s at most).
+    tool_timeout: float = Field(default=1800.0, gt=0)
 
     # Ingestion: chunking, embeddings, vector store (server side)
     # Ingest jobs are stored by the morag-store worker before they succeed; false: they
@@ -79,12 +81,29 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=3 * 3600, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     max_tasks_per_child: int = Field(default=50, ge=1)
+    # A job record is written before its message is sent; an outbox entry marks it until
+    # the send is confirmed. Past this many seconds a worker's reconciler sends it again
+    # (the sender died or the broker refused between the two).
+    outbox_grace: float = Field(default=30.0, gt=0)
+    # A job handed to morag-store with no store worker on it for this long gets its store
+    # message sent again (a store worker killed mid-store leaves its message unacked).
+    store_resend_after: float = Field(default=300.0, gt=0)
+    # A storing error (vector store or Redis unreachable) is retried this many times with
+    # exponential backoff from store_retry_backoff seconds before the job fails.
+    store_retries: int = Field(default=5, ge=0)
+    store_retry_backoff: float = Field(default=5.0, ge=0)
+    # How long a worker keeps retrying a job's final record write through a Redis outage.
+    redis_retry_seconds: float = Field(default=120.0, ge=0)
     # Celery task events (worker_send_task_events, task_send_sent_event) for Flower or
     # celery-exporter; MoRAG's own metrics do not need them.
     celery_events: bool = False
 
     # API
     process_wait: float = Field(default=30.0, ge=0)
+    # /v1/audio/*: OpenAI clients cannot poll a job id, so they wait this long for the text;
+    # `gpu` when the request leaves it out (jobs still fall back to CPU workers).
+    openai_wait: float = Field(default=600.0, gt=0)
+    openai_gpu: bool = True
     job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
 
     # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.

@@ -7,23 +7,43 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from morag import files, fleet, urls
-from morag.config import CPU_QUEUE, GPU_QUEUE
+from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE
 from morag.jobs import TERMINAL, Record
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
 from morag.routing import gpu_failure_route, rescued_route
 from morag.webhooks import notify_end
-from morag.worker import Runtime, enqueue, enqueue_store
+from morag.worker import Runtime, dispatch
 
 log = logging.getLogger("morag.execution")
 
 PROGRESS_EVERY = 0.5  # seconds between progress writes
+
+T = TypeVar("T")
+
+
+def through_outage(rt: Runtime, what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried while Redis is unreachable (a restart, a blip), for up to
+    ``MORAG_REDIS_RETRY_SECONDS``: a finished job's result must not be lost to a blip."""
+    deadline = time.monotonic() + rt.settings.redis_retry_seconds
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,13 +76,17 @@ def _rescue_route(rt: Runtime, queue: str, worker: str) -> dict[str, Any] | None
 def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     owner = f"{worker}/{os.getpid()}"
     device = rt.device.device
-    claim = rt.store.claim(
-        task_id,
-        owner=owner,
-        attempt={"queue": queue, "worker": worker, "device": device},
-        max_deliveries=rt.settings.max_deliveries,
-        owner_is_dead=lambda holder: owner_is_dead(holder, worker),
-        route=_rescue_route(rt, queue, worker),
+    claim = through_outage(
+        rt,
+        f"claiming job {task_id}",
+        lambda: rt.store.claim(
+            task_id,
+            owner=owner,
+            attempt={"queue": queue, "worker": worker, "device": device},
+            max_deliveries=rt.settings.max_deliveries,
+            owner_is_dead=lambda holder: owner_is_dead(holder, worker),
+            route=_rescue_route(rt, queue, worker),
+        ),
     )
     if not claim.run:
         log.info("job %s not run here: %s", task_id, claim.reason)
@@ -76,34 +100,53 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
         device = "cpu"
         _set_attempt_device(rt, task_id, owner, device)
     scratch = files.scratch_dir(rt.settings, task_id)
+
+    def finish(**outcome: Any) -> None:
+        through_outage(
+            rt, f"recording job {task_id}", lambda: rt.store.finish(task_id, owner, **outcome)
+        )
+
     try:
         result = _process(rt, record, queue=queue, device=device, owner=owner, scratch=scratch)
     except SoftTimeLimitExceeded:
-        rt.store.finish(task_id, owner, error="the job exceeded MORAG_JOB_TIME_LIMIT")
+        finish(
+            error="ran out of time: the job ran past MORAG_JOB_TIME_LIMIT "
+            f"({rt.settings.job_time_limit}s)"
+        )
     except ProcessingError as exc:
-        rt.store.finish(task_id, owner, error=str(exc))
+        finish(error=str(exc))
     except files.FileUnavailable as exc:
-        rt.store.finish(task_id, owner, error=str(exc))
+        finish(error=str(exc))
     except urls.UrlRefused as exc:
-        rt.store.finish(task_id, owner, error=str(exc))
+        finish(error=str(exc))
     except Exception as exc:
         if is_gpu_failure(exc) and not record.get("force_cpu"):
             _fall_back_to_cpu(rt, record, owner, worker, exc)
         else:
             log.exception("job %s failed", task_id)
-            rt.store.finish(task_id, owner, error=f"internal error: {type(exc).__name__}: {exc}")
+            finish(error=f"internal error: {type(exc).__name__}: {exc}")
     else:
         if record.get("store"):
             # Storing runs on the server (morag-store); the job succeeds once stored.
-            if rt.store.hand_to_store(task_id, owner, result=result):
-                enqueue_store(task_id)
+            handed = through_outage(
+                rt,
+                f"handing job {task_id} to the store",
+                lambda: rt.store.hand_to_store(
+                    task_id,
+                    owner,
+                    result=result,
+                    store_resend_after=rt.settings.store_resend_after,
+                ),
+            )
+            if handed:
+                dispatch(rt.store, task_id, STORE_QUEUE)
         else:
             if record.get("kind") == "ingest":
                 result.setdefault("metadata", {})["stored"] = False
-            rt.store.finish(task_id, owner, result=result)
+            finish(result=result)
     finally:
         files.drop_scratch(scratch)
-    final = rt.store.get(task_id)
+    final = through_outage(rt, f"reading job {task_id}", lambda: rt.store.get(task_id))
     if final is not None:
         _cleanup(rt, final)
         notify_end(rt.redis, final)
@@ -128,7 +171,7 @@ def _fall_back_to_cpu(
     ).as_dict()
     log.warning("job %s: %s", task_id, route["reason"])
     if rt.store.requeue(task_id, route=route, error=str(exc), owner=owner, force_cpu=True):
-        enqueue(task_id, CPU_QUEUE)
+        dispatch(rt.store, task_id, CPU_QUEUE)
 
 
 def _fault(rt: Runtime, options: dict[str, Any], queue: str, device: str, progress: Any) -> None:
@@ -141,6 +184,14 @@ def _fault(rt: Runtime, options: dict[str, Any], queue: str, device: str, progre
     if fault == "cuda_oom" and (queue == GPU_QUEUE or device == "cuda"):
         # The exact error CTranslate2 raises when VRAM runs out.
         raise RuntimeError("CUDA failed with error out of memory")
+    if fault.startswith("stuck:"):
+        # A call that ignores the soft time limit (a hung C library): only the hard one ends it.
+        end = time.monotonic() + float(fault.split(":", 1)[1])
+        while time.monotonic() < end:
+            try:
+                time.sleep(0.1)
+            except SoftTimeLimitExceeded:
+                continue
     if fault.startswith("slow:"):
         seconds = float(fault.split(":", 1)[1])
         end = time.monotonic() + seconds
@@ -159,7 +210,10 @@ def _process(
         now = time.monotonic()
         if now - last["at"] >= PROGRESS_EVERY:
             last["at"] = now
-            rt.store.set_progress(task_id, owner, fraction)
+            try:
+                rt.store.set_progress(task_id, owner, fraction)
+            except redis.RedisError as exc:  # progress is a hint; the job goes on
+                log.warning("job %s: progress not recorded (%s)", task_id, exc)
 
     source = record["source"]
     content_type = record["content_type"]

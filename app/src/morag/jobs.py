@@ -9,6 +9,7 @@ The metrics a transition feeds (morag.metrics) are incremented in the same trans
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 ACTIVE_SET = "morag:jobs:active"
+# Jobs whose message must be (re)sent: task id -> epoch seconds after which a reconciler
+# sends it. Written in the same transaction as the record, removed once the send returned.
+OUTBOX = "morag:outbox"
 
 Record = dict[str, Any]
 LeaseAction = str | None | bool | Callable[[Record], str | bool | None]
@@ -87,6 +91,7 @@ def new_record(
         "force_cpu": False,
         "result": None,
         "error": None,
+        "waiting_for": None,  # what a job that is not moving waits for, in words
         "created_at": stamp,
         "updated_at": stamp,
     }
@@ -107,6 +112,7 @@ def public_view(record: Record) -> Record:
         "updated_at",
         "batch_id",
         "metadata",
+        "waiting_for",
     )
     return {k: record.get(k) for k in keys}
 
@@ -123,18 +129,52 @@ class Claim:
 class JobStore:
     """Synchronous job store; the API calls it from its thread pool, workers directly."""
 
-    def __init__(self, client: redis.Redis, *, ttl: int, lease_ttl: float) -> None:
+    def __init__(
+        self, client: redis.Redis, *, ttl: int, lease_ttl: float, outbox_grace: float = 30.0
+    ) -> None:
         self.r = client
         self.ttl = ttl
         self.lease_ttl_ms = int(lease_ttl * 1000)
+        self.outbox_grace = outbox_grace
 
     # -- plain reads and writes ------------------------------------------------------
     def create(self, record: Record) -> None:
+        """Write a new record and its outbox entry in one transaction (MULTI/EXEC)."""
         pipe = self.r.pipeline()
         pipe.set(job_key(record["task_id"]), json.dumps(record), ex=self.ttl)
         pipe.sadd(ACTIVE_SET, record["task_id"])
+        pipe.zadd(OUTBOX, {record["task_id"]: time.time() + self.outbox_grace})
         metrics.job_created(pipe, record)
         pipe.execute()
+
+    # -- the outbox: records whose message may not have been sent -------------------------
+    def sent(self, task_id: str) -> None:
+        """The job's message was handed to the broker: nothing left to reconcile."""
+        self.r.zrem(OUTBOX, task_id)
+
+    def outbox_due(self, now: float | None = None, limit: int = 200) -> list[str]:
+        """Outbox entries older than the grace: their sender died or the broker refused."""
+        raw = self.r.zrangebyscore(OUTBOX, "-inf", now or time.time(), start=0, num=limit)
+        return [m.decode() if isinstance(m, bytes) else m for m in raw]
+
+    def outbox_size(self) -> int:
+        return int(self.r.zcard(OUTBOX))
+
+    def fail_unsent(self, task_id: str, reason: str) -> Record | None:
+        """The API could not send a new job's message: end it instead of stranding it."""
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != QUEUED or record["attempts"]:
+                return None
+            record["status"] = FAILED
+            record["error"] = reason
+            return record
+
+        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            pipe.zrem(OUTBOX, task_id)
+            metrics.job_ended(pipe, record)
+
+        return self.update(task_id, change, lease=None, on_commit=account)
 
     def get(self, task_id: str) -> Record | None:
         raw = self.r.get(job_key(task_id))
@@ -163,10 +203,22 @@ class JobStore:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     def refresh_leases(self, owners: dict[str, str]) -> None:
-        """Extend the leases this worker holds (only those it still owns)."""
+        """Extend the leases this worker holds; take back those that expired while Redis
+        was out of reach, as long as the job is still this attempt's (nobody requeued it)."""
         for task_id, owner in owners.items():
-            if self.lease_owner(task_id) == owner:
+            holder = self.lease_owner(task_id)
+            if holder == owner:
                 self.r.pexpire(lease_key(task_id), self.lease_ttl_ms)
+            elif holder is None:
+                self._retake_lease(task_id, owner)
+
+    def _retake_lease(self, task_id: str, owner: str) -> None:
+        def change(record: Record, holder: str | None) -> Record | None:
+            if holder is None and _is_attempt_of(record, owner):
+                return record
+            return None
+
+        self.update(task_id, change, lease=owner)
 
     # -- transactional update ----------------------------------------------------------
     def update(
@@ -251,6 +303,10 @@ class JobStore:
             if holder and holder != owner and not owner_is_dead(holder):
                 verdict["c"] = Claim(False, f"job is running under {holder}")
                 return None
+            if holder == owner and _is_attempt_of(record, owner):
+                # This very claim committed, but its answer was lost to a Redis blip.
+                verdict["c"] = Claim(True, "claimed", record)
+                return None
             record["deliveries"] = int(record.get("deliveries", 0)) + 1
             seen["lost"] = _close_open_attempt(record, "worker lost during the job")
             seen["queued_at"] = record.get("queued_at")
@@ -265,6 +321,8 @@ class JobStore:
             record["status"] = RUNNING
             record["progress"] = 0.0
             record["queued_at"] = None
+            record["owner"] = owner  # whose attempt this is, should its lease lapse
+            record["waiting_for"] = None
             if route is not None:
                 record["route"] = route
             record["attempts"].append(
@@ -296,12 +354,13 @@ class JobStore:
 
     def set_progress(self, task_id: str, owner: str, progress: float) -> None:
         def change(record: Record, holder: str | None) -> Record | None:
-            if holder != owner or record["status"] != RUNNING:
+            if not _owns(record, holder, owner):
                 return None
             record["progress"] = round(min(max(progress, 0.0), 1.0), 3)
             return record
 
-        self.update(task_id, change)
+        # A lease that lapsed during a Redis outage is taken back with the write.
+        self.update(task_id, change, lease=owner)
 
     def finish(
         self, task_id: str, owner: str, *, result: Record | None = None, error: str | None = None
@@ -310,7 +369,7 @@ class JobStore:
         done = {"ok": False}
 
         def change(record: Record, holder: str | None) -> Record | None:
-            if holder != owner or record["status"] != RUNNING:
+            if not _owns(record, holder, owner):
                 return None
             _close_open_attempt(record, error)
             record["status"] = FAILED if error else SUCCEEDED
@@ -328,24 +387,106 @@ class JobStore:
         self.update(task_id, change, lease=None, on_commit=account)
         return done["ok"]
 
-    def hand_to_store(self, task_id: str, owner: str, *, result: Record) -> bool:
+    def hand_to_store(
+        self, task_id: str, owner: str, *, result: Record, store_resend_after: float = 300.0
+    ) -> bool:
         """Processing of an ingest job succeeded: close the attempt, keep the job ``running``
         with ``result.metadata.stored = "pending"`` until the store worker completes it."""
         done = {"ok": False}
 
         def change(record: Record, holder: str | None) -> Record | None:
-            if holder != owner or record["status"] != RUNNING:
+            if not _owns(record, holder, owner):
                 return None
             _close_open_attempt(record, None)
             result.setdefault("metadata", {})["stored"] = "pending"
             record["result"] = result
             record["storing"] = True
+            record["store_resend_at"] = time.time() + store_resend_after
             record["progress"] = 0.99
+            record["waiting_for"] = STORE_WAIT
             done["ok"] = True
             return record
 
-        self.update(task_id, change, lease=None, on_commit=metrics.attempt_ended)
+        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            pipe.zadd(OUTBOX, {task_id: time.time() + self.outbox_grace})
+            metrics.attempt_ended(pipe, record)
+
+        self.update(task_id, change, lease=None, on_commit=account)
         return done["ok"]
+
+    def claim_store(self, task_id: str, owner: str, *, owner_is_dead: Callable[[str], bool]) -> str:
+        """The store worker starts on a handed-over job: "run", or why it does not."""
+        verdict = {"v": "unknown job"}
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != RUNNING or not record.get("storing"):
+                verdict["v"] = f"nothing to store (job {record['status']})"
+                return None
+            if holder and holder != owner and not owner_is_dead(holder):
+                verdict["v"] = f"being stored by {holder}"
+                return None
+            record["waiting_for"] = None
+            verdict["v"] = "run"
+            return record
+
+        self.update(task_id, change, lease=lambda rec: owner)
+        return verdict["v"]
+
+    def store_retry_at(self, task_id: str, owner: str, *, at: float, waiting_for: str) -> None:
+        """A storing error is retried at ``at``: the reconciler leaves it alone until then."""
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != RUNNING or not record.get("storing"):
+                return None
+            record["store_resend_at"] = max(float(record.get("store_resend_at") or 0), at)
+            record["waiting_for"] = waiting_for
+            return record
+
+        self.update(task_id, change, lease=lambda rec: None)
+
+    def store_resent(
+        self, task_id: str, *, next_at: float, waiting_for: str | None, resend: bool = True
+    ) -> bool:
+        """True when the reconciler is to send the store message again (its deadline passed);
+        ``resend`` False (no store worker alive) only pushes the deadline to ``next_at``, as
+        the message waiting in the queue is taken when one starts. Says why it waits."""
+        done = {"ok": False}
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != RUNNING or not record.get("storing") or holder:
+                return None
+            changed = record.get("waiting_for") != waiting_for
+            record["waiting_for"] = waiting_for
+            due = float(record.get("store_resend_at") or 0) <= time.time()
+            if due or not resend:
+                record["store_resend_at"] = next_at
+                changed = changed or due
+            done["ok"] = due and resend
+            return record if changed else None
+
+        self.update(task_id, change)
+        return done["ok"]
+
+    def fail_timed_out(self, task_id: str, worker: str, limit: int) -> Record | None:
+        """The hard time limit killed the attempt ``worker`` ran: the job ends here, once."""
+
+        def change(record: Record, holder: str | None) -> Record | None:
+            if record["status"] != RUNNING or record.get("storing"):
+                return None
+            owner = str(record.get("owner") or "")
+            if owner.rpartition("/")[0] != worker or (holder and holder != owner):
+                return None
+            reason = f"ran out of time: the job ran past MORAG_JOB_TIME_LIMIT ({limit}s)"
+            _close_open_attempt(record, reason)
+            record["status"] = FAILED
+            record["error"] = reason
+            return record
+
+        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            metrics.attempt_ended(pipe, record)
+            metrics.job_ended(pipe, record)
+
+        return self.update(task_id, change, lease=None, on_commit=account)
 
     def finish_store(
         self, task_id: str, *, stored_chunks: int | None = None, error: str | None = None
@@ -357,6 +498,7 @@ class JobStore:
             if record["status"] != RUNNING or not record.get("storing"):
                 return None
             record["storing"] = False
+            record["waiting_for"] = None
             meta = record["result"].setdefault("metadata", {})
             if error:
                 record["status"] = FAILED
@@ -397,6 +539,7 @@ class JobStore:
             record["status"] = QUEUED
             record["queued_at"] = now_iso()
             record["route"] = route
+            record["owner"] = None
             record["force_cpu"] = record.get("force_cpu", False) or force_cpu
             if force_cpu:
                 # A GPU failure is not a lost worker: it does not count against the cap.
@@ -404,6 +547,8 @@ class JobStore:
             return record
 
         def account(pipe: redis.client.Pipeline, record: Record) -> None:
+            # Sent by the caller once committed; a reconciler sends it if the caller dies.
+            pipe.zadd(OUTBOX, {task_id: time.time() + self.outbox_grace})
             if owner is None:
                 metrics.orphan_requeued(pipe, route)
             else:
@@ -425,6 +570,29 @@ class JobStore:
             return record
 
         return self.update(task_id, change, lease=None, on_commit=metrics.job_ended)
+
+
+STORE_WAIT = "a morag-store worker to chunk, embed and store the result"
+
+
+def _is_attempt_of(record: Record, owner: str) -> bool:
+    return (
+        record["status"] == RUNNING
+        and not record.get("storing")
+        and record.get("owner") == owner
+        and bool(record["attempts"])
+        and record["attempts"][-1].get("finished_at") is None
+    )
+
+
+def _owns(record: Record, holder: str | None, owner: str) -> bool:
+    """The attempt ``owner`` may write the job: it holds the lease, or the lease lapsed
+    (a Redis outage longer than the lease) and nobody has requeued or taken the job since."""
+    if record["status"] != RUNNING:
+        return False
+    if holder == owner:
+        return True
+    return holder is None and _is_attempt_of(record, owner)
 
 
 def _close_open_attempt(record: Record, error: str | None) -> bool:

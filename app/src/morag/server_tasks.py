@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import httpx
 
 from morag import files, metrics, urls
-from morag.jobs import RUNNING
-from morag.webhooks import body_of, headers_for, notify_end
+from morag.jobs import CANCELLED
+from morag.webhooks import body_of, notify_end, signed_headers
 from morag.worker import celery_app, get_runtime
 
 log = logging.getLogger("morag.server_tasks")
@@ -66,20 +67,55 @@ def store_record(record: dict[str, Any], settings: Any, device: str) -> int:
     return store.upsert_chunks(settings, record["task_id"], vectors, payloads)
 
 
-@celery_app.task(name="morag.store_job", acks_late=True, reject_on_worker_lost=True)
-def store_job(task_id: str) -> None:
+@celery_app.task(name="morag.store_job", bind=True, acks_late=True, reject_on_worker_lost=True)
+def store_job(self: Any, task_id: str) -> None:
+    import os
+
+    from morag.execution import owner_is_dead, through_outage
+
     rt = get_runtime()
-    record = rt.store.get(task_id)
-    if record is None or record["status"] != RUNNING or not record.get("storing"):
-        log.info("job %s: nothing to store (%s)", task_id, record and record["status"])
+    worker = self.request.hostname or "unknown"
+    owner = f"{worker}/{os.getpid()}"
+    # The lease (kept alive by this worker's supervisor) tells the reconciler someone
+    # stores the job, and keeps a duplicate store message from storing it twice at once.
+    verdict = through_outage(
+        rt,
+        f"claiming the storing of job {task_id}",
+        lambda: rt.store.claim_store(
+            task_id, owner, owner_is_dead=lambda holder: owner_is_dead(holder, worker)
+        ),
+    )
+    if verdict != "run":
+        log.info("job %s not stored here: %s", task_id, verdict)
         return
+    record = rt.store.get(task_id)
+    assert record is not None
     try:
         count = store_record(record, rt.settings, rt.device.device)
     except Exception as exc:
-        log.exception("storing job %s failed", task_id)
-        rt.store.finish_store(task_id, error=f"storing failed: {type(exc).__name__}: {exc}")
+        retries = self.request.retries
+        error = f"storing failed: {type(exc).__name__}: {exc}"
+        if retries < rt.settings.store_retries:
+            countdown = rt.settings.store_retry_backoff * (2**retries)
+            log.warning("job %s: %s; retry %d in %.1fs", task_id, error, retries + 1, countdown)
+            rt.store.store_retry_at(
+                task_id,
+                owner,
+                at=time.time() + countdown + rt.settings.store_resend_after,
+                waiting_for=f"a retry of the storing in {countdown:.0f}s ({error})",
+            )
+            raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+        log.exception("storing job %s failed for good", task_id)
+        through_outage(
+            rt, f"recording job {task_id}", lambda: rt.store.finish_store(task_id, error=error)
+        )
     else:
-        if not rt.store.finish_store(task_id, stored_chunks=count):
+        done = through_outage(
+            rt,
+            f"recording job {task_id}",
+            lambda: rt.store.finish_store(task_id, stored_chunks=count),
+        )
+        if not done and (rt.store.get(task_id) or {}).get("status") == CANCELLED:
             # Cancelled while storing: what was written goes again.
             from morag.vectors import store
 
@@ -129,8 +165,7 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         return
     url = record["webhook_url"]
     body = body_of(record)
-    secret = rt.settings.webhook_secret
-    headers = headers_for(body, secret.get_secret_value() if secret else None)
+    headers = signed_headers(record, body, rt.settings)  # Standard Webhooks, fresh timestamp
     try:
         urls.check_url(url, rt.settings.url_allowlist)
     except urls.UrlRefused as exc:
@@ -138,7 +173,10 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         _count_webhook(rt, "refused")
         return
     try:
-        resp = httpx.post(url, content=body, headers=headers, timeout=10, follow_redirects=False)
+        # To the address that was checked (a later DNS answer cannot redirect it).
+        resp = urls.post_pinned(
+            url, allowlist=rt.settings.url_allowlist, content=body, headers=headers, timeout=10
+        )
         if resp.status_code >= 300:
             raise httpx.HTTPStatusError(
                 f"HTTP {resp.status_code}", request=resp.request, response=resp
@@ -153,6 +191,10 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         countdown = rt.settings.webhook_backoff * (2**retries)
         log.info("webhook of job %s failed (%s); retry in %.1fs", task_id, exc, countdown)
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+    except urls.UrlRefused as exc:  # DNS answered differently at send time
+        log.warning("webhook of job %s refused: %s", task_id, exc)
+        _count_webhook(rt, "refused")
+        return
     log.info("webhook of job %s delivered: HTTP %d", task_id, resp.status_code)
     _count_webhook(rt, "delivered")
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from kombu.exceptions import OperationalError
 from prometheus_client import CollectorRegistry
 
 from morag import metrics_export, urls
@@ -17,7 +20,9 @@ from morag.jobs import JobStore, Record, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.routing import decide_route
-from morag.worker import enqueue
+from morag.worker import dispatch, job_store
+
+log = logging.getLogger("morag.submission")
 
 
 class BadInput(ValueError):
@@ -27,6 +32,13 @@ class BadInput(ValueError):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+class BrokerUnavailable(BadInput):
+    """The broker did not take the job's message: 503, and the job is not accepted."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail)
 
 
 @dataclass
@@ -46,7 +58,7 @@ def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings,
         redis=client,
-        store=JobStore(client, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl),
+        store=job_store(client, settings),
         fleet=fleet,
         metrics=metrics_export.build_registry(client, fleet, settings, known_types()),
     )
@@ -133,6 +145,21 @@ def submit(
         task_id=task_id,
     )
     record["store"] = kind == "ingest" and services.settings.store_ingested
+    # The record and its outbox entry first (one transaction), then the message: if this
+    # process dies in between, a worker's reconciler sends the message after the grace.
     services.store.create(record)
-    enqueue(record["task_id"], route.queue)
+    if services.settings.fault_injection and options.get("fault") == "api_dies_before_send":
+        os._exit(70)  # test hook: the API dies between the record and its message
+    try:
+        dispatch(services.store, record["task_id"], route.queue)
+    except (OperationalError, redis.RedisError) as exc:
+        reason = f"the broker did not take the job's message: {type(exc).__name__}: {exc}"
+        log.warning("job %s refused: %s", record["task_id"], reason)
+        try:
+            services.store.fail_unsent(record["task_id"], f"not accepted: {reason}")
+        except redis.RedisError:
+            log.warning("job %s stays in the outbox; a worker will send it", record["task_id"])
+        raise BrokerUnavailable(
+            f"the job queue is unavailable ({type(exc).__name__}); try again later"
+        ) from exc
     return record

@@ -20,15 +20,23 @@ import redis
 from celery.worker import state as worker_state
 
 from morag import __version__, fleet, gpu_telemetry
-from morag.config import CPU_QUEUE, GPU_QUEUE, Settings, get_settings
-from morag.jobs import RUNNING, JobStore
-from morag.processors.registry import installed_types
+from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
+from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL, Record
+from morag.processors.registry import advertised_types
 from morag.routing import WORKER_LOST, decide_rescue, decide_route
-from morag.worker import celery_app, decide_device, enqueue
+from morag.worker import celery_app, decide_device, dispatch, job_store
 
 log = logging.getLogger("morag.supervisor")
 
 WATCHDOG_LOCK = "morag:watchdog"
+# Running jobs seen without a lease: task id -> epoch seconds when first seen so. A job is
+# requeued only once it stayed so for a whole lease TTL: after a Redis outage every lease
+# has lapsed, and each live worker takes its own back at its next tick.
+SUSPECTS = "morag:orphans:suspects"
+NO_STORE_WORKER = (
+    "a morag-store worker: none is alive, the result is stored when one starts "
+    "(`morag worker --queue morag-store`)"
+)
 
 
 class Supervisor:
@@ -38,8 +46,10 @@ class Supervisor:
         self.queues = tuple(sorted(q.name for q in consumer.task_consumer.queues))
         self.concurrency = getattr(consumer.pool, "num_processes", None) or 1
         self.device = decide_device(settings)
+        # Checked once: a worker whose Whisper model cannot load offers no audio/video/youtube.
+        self.processors = list(advertised_types(settings.whisper_model))
         self.redis = redis.Redis.from_url(settings.redis_url.get_secret_value())
-        self.store = JobStore(self.redis, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl)
+        self.store = job_store(self.redis, settings)
         self.started_at = _now()
         self.rescuing = False
         self.gpu_absent_since: float | None = None
@@ -69,6 +79,10 @@ class Supervisor:
         state = fleet.read_fleet(self.redis)
         if CPU_QUEUE in self.queues and GPU_QUEUE not in self.queues:
             self._rescue(state)
+        lock_ms = max(100, int(self.settings.heartbeat_interval * 900))
+        if not self.redis.set(WATCHDOG_LOCK, self.hostname, nx=True, px=lock_ms):
+            return
+        self._send_outbox()
         self._watch_orphans(state)
 
     def heartbeat(self, active: dict[str, str]) -> dict[str, Any]:
@@ -86,7 +100,7 @@ class Supervisor:
             "gpus": self.device.gpus_as_dicts(),
             "cuda_libraries": dict(self.device.libraries),  # soname -> version loaded at start
             "gpu_telemetry": gpu_telemetry.sample(),  # NVML, never CUDA; [] without a GPU
-            "processors": list(installed_types()),
+            "processors": self.processors,
             "busy": bool(active),
             "active": sorted(active),
             "concurrency": self.concurrency,
@@ -129,17 +143,37 @@ class Supervisor:
             celery_app.control.cancel_consumer(GPU_QUEUE, destination=[self.hostname], reply=False)
             self.rescuing = False
 
+    # -- the outbox: records written whose message was never sent ---------------------------
+    def _send_outbox(self) -> None:
+        for task_id in self.store.outbox_due():
+            record = self.store.get(task_id)
+            queue = _pending_queue(record)
+            if queue is not None:
+                log.warning("job %s: its message was never sent; sending it to %s", task_id, queue)
+                dispatch(self.store, task_id, queue)
+            else:
+                self.store.sent(task_id)
+
     # -- orphans: running jobs whose worker vanished --------------------------------------
     def _watch_orphans(self, state: fleet.FleetState) -> None:
-        lock_ms = max(100, int(self.settings.heartbeat_interval * 900))
-        if not self.redis.set(WATCHDOG_LOCK, self.hostname, nx=True, px=lock_ms):
-            return
+        now = time.time()
+        seen = {_text(k): float(v) for k, v in self.redis.hgetall(SUSPECTS).items()}
+        suspects: dict[str, float] = {}
+        store_alive = bool(state.snapshot.consumers_of(STORE_QUEUE))
         for record in self.store.get_many(self.store.active_ids()):
-            if record["status"] != RUNNING or self.store.lease_owner(record["task_id"]):
+            task_id = record["task_id"]
+            if record["status"] != RUNNING or self.store.lease_owner(task_id):
                 continue
-            if record.get("storing"):  # handed to morag-store; Celery redelivers that task
+            if record.get("storing"):  # handed to morag-store
+                self._watch_storing(record, store_alive)
                 continue
             lost = record["attempts"][-1]["worker"] if record["attempts"] else "unknown"
+            if _reports_active(state, lost, task_id):
+                continue  # its worker is alive and runs it: it takes its lease back
+            first = seen.get(task_id, now)
+            suspects[task_id] = first
+            if now - first < self.settings.heartbeat_ttl:
+                continue
             route = decide_route(
                 gpu_requested=record["route"]["gpu_requested"],
                 content_type=record["content_type"],
@@ -148,19 +182,37 @@ class Supervisor:
             ).as_dict()
             route["reason"] = f"worker {lost} was lost; redelivered: {route['reason']}"
             route["code"] = WORKER_LOST
+            suspects.pop(task_id)
             if self.store.requeue(
-                record["task_id"],
+                task_id,
                 route=route,
                 owner=None,
                 error=f"worker {lost} lost (no heartbeat)",
             ):
                 log.warning(
-                    "job %s orphaned by %s: re-enqueued on %s",
-                    record["task_id"],
-                    lost,
-                    route["queue"],
+                    "job %s orphaned by %s: re-enqueued on %s", task_id, lost, route["queue"]
                 )
-                enqueue(record["task_id"], route["queue"])
+                dispatch(self.store, task_id, route["queue"])
+        pipe = self.redis.pipeline()
+        pipe.delete(SUSPECTS)
+        if suspects:
+            pipe.hset(SUSPECTS, mapping=suspects)
+        pipe.execute()
+
+    def _watch_storing(self, record: Record, store_alive: bool) -> None:
+        """A handed-over job nobody stores: say why, and send its store message again once
+        ``store_resend_after`` passed (a store worker killed mid-store leaves its message
+        unacked until the visibility timeout; a duplicate is skipped by the store claim)."""
+        task_id = record["task_id"]
+        next_at = time.time() + self.settings.store_resend_after
+        if not store_alive:
+            self.store.store_resent(
+                task_id, next_at=next_at, waiting_for=NO_STORE_WORKER, resend=False
+            )
+            return
+        if self.store.store_resent(task_id, next_at=next_at, waiting_for=STORE_WAIT):
+            log.warning("job %s: nobody is storing it; store message sent again", task_id)
+            dispatch(self.store, task_id, STORE_QUEUE)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -180,6 +232,33 @@ class Supervisor:
 
 
 _supervisor: Supervisor | None = None
+
+
+def current_hostname() -> str:
+    """This worker's Celery hostname (``name@host``), once the supervisor started."""
+    return _supervisor.hostname if _supervisor is not None else socket.gethostname()
+
+
+def _pending_queue(record: Record | None) -> str | None:
+    """Where the message of an outbox entry goes, or None when nothing is to be sent."""
+    if record is None or record["status"] in TERMINAL:
+        return None
+    if record["status"] == QUEUED:
+        return str(record["route"]["queue"])
+    if record["status"] == RUNNING and record.get("storing"):
+        return STORE_QUEUE
+    return None  # claimed: the message was delivered
+
+
+def _reports_active(state: fleet.FleetState, worker: str, task_id: str) -> bool:
+    return any(
+        beat.get("name") == worker and task_id in (beat.get("active") or [])
+        for beat in state.heartbeats
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def start_supervisor(consumer: Any) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import TimeLimitExceeded
 from kombu import Exchange, Queue
 
 from morag.config import CPU_QUEUE, DECLARED_QUEUES, STORE_QUEUE, Settings, get_settings
@@ -51,7 +52,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.job_time_limit,
         "task_soft_time_limit": max(1, settings.job_time_limit - 30),
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A Redis blip must not cost a running job: the job keeps running, its lease is
+        # taken back when Redis answers again, and a redelivered copy of its message is
+        # skipped by the claim (the live lease holder keeps it).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_max_tasks_per_child": settings.max_tasks_per_child,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -105,13 +109,22 @@ def require_device(settings: Settings) -> DeviceInfo:
         raise SystemExit(EX_CONFIG) from exc
 
 
+def job_store(client: redis.Redis, settings: Settings) -> JobStore:
+    return JobStore(
+        client,
+        ttl=settings.job_ttl,
+        lease_ttl=settings.heartbeat_ttl,
+        outbox_grace=settings.outbox_grace,
+    )
+
+
 def get_runtime() -> Runtime:
     """This process's Redis client and job store; rebuilt after a fork."""
     global _runtime
     if _runtime is None or _runtime.pid != os.getpid():
         settings = get_settings()
         client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-        store = JobStore(client, ttl=settings.job_ttl, lease_ttl=settings.heartbeat_ttl)
+        store = job_store(client, settings)
         _runtime = Runtime(settings, client, store, decide_device(settings), os.getpid())
     return _runtime
 
@@ -133,9 +146,27 @@ def enqueue(task_id: str, queue: str) -> None:
     process_job.apply_async((task_id,), queue=queue, task_id=task_id)
 
 
-def enqueue_store(task_id: str) -> None:
-    """Ask the server's morag-store worker to chunk, embed and store an ingested job."""
-    celery_app.send_task("morag.store_job", (task_id,), queue=STORE_QUEUE)
+def enqueue_store(task_id: str, countdown: float | None = None) -> None:
+    """Ask the server's morag-store worker to chunk, embed and store an ingested job.
+
+    The Celery task id is the job id: the store worker's supervisor then keeps the job's
+    lease alive while it stores, as it does for a processing job."""
+    celery_app.send_task(
+        "morag.store_job", (task_id,), queue=STORE_QUEUE, task_id=task_id, countdown=countdown
+    )
+
+
+def dispatch(store: JobStore, task_id: str, queue: str) -> None:
+    """Send the message of a job whose record (and outbox entry) is written, then clear
+    the outbox entry. If the send fails the entry stays and a reconciler sends it."""
+    if queue == STORE_QUEUE:
+        enqueue_store(task_id)
+    else:
+        enqueue(task_id, queue)
+    try:
+        store.sent(task_id)
+    except redis.RedisError:  # sent twice at worst; the claim skips the duplicate
+        log.warning("job %s sent, but its outbox entry stays (Redis error)", task_id)
 
 
 # -- worker lifecycle -----------------------------------------------------------------------
@@ -154,6 +185,36 @@ def _on_worker_ready(sender: Any, **_: Any) -> None:
     from morag.supervisor import start_supervisor
 
     start_supervisor(sender)
+
+
+@signals.task_failure.connect
+def _on_task_failure(
+    sender: Any = None, task_id: str = "", exception: Any = None, **_: Any
+) -> None:
+    """A hard time limit kills the pool child; Celery reports it here, in the parent.
+
+    Without this the job would stay `running`, its lease would lapse and the watchdog would
+    re-run it up to the delivery cap. It ends `failed` once, saying it ran out of time."""
+    if not isinstance(exception, TimeLimitExceeded):
+        return
+    if getattr(sender, "name", None) != "morag.process_job":
+        return
+    from morag.supervisor import current_hostname
+
+    settings = get_settings()
+    try:
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+        try:
+            store = job_store(client, settings)
+            record = store.fail_timed_out(task_id, current_hostname(), settings.job_time_limit)
+            if record is not None and record["status"] == "failed":
+                from morag.webhooks import notify_end
+
+                notify_end(client, record)
+        finally:
+            client.close()
+    except redis.RedisError:
+        log.exception("job %s ran out of time; its record could not be updated", task_id)
 
 
 @signals.worker_shutting_down.connect

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from morag.api.deps import services
+from morag.config import STORE_QUEUE
 from morag.submission import Services
 
 router = APIRouter(tags=["health"])
@@ -22,14 +23,37 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+NO_STORE_WORKER = (
+    "no live morag-store worker: ingest jobs wait at progress 0.99 (stored, webhooks and "
+    "search too) until one starts"
+)
+
+
 @router.get("/ready")
 def ready(svc: Services = Depends(services)) -> JSONResponse:
+    """503 when the API cannot take jobs (Redis, shared dir); ``degraded`` (200) when it can
+    but part of the work waits: no morag-store worker alive, or unsent job messages."""
     checks: dict[str, Any] = {}
+    degraded: dict[str, Any] = {}
     try:
         svc.redis.ping()
         checks["redis"] = "ok"
     except redis.RedisError as exc:
         checks["redis"] = f"unavailable: {type(exc).__name__}"
+    if checks["redis"] == "ok":
+        try:
+            snapshot = svc.fleet.get().snapshot
+            if svc.settings.store_ingested and not snapshot.consumers_of(STORE_QUEUE):
+                degraded["store_worker"] = NO_STORE_WORKER
+            # Past the grace only: every submission holds an entry for a moment.
+            unsent = len(svc.store.outbox_due())
+            if unsent:
+                degraded["outbox"] = (
+                    f"{unsent} job message(s) not sent within MORAG_OUTBOX_GRACE: is any "
+                    "worker alive to send them?"
+                )
+        except redis.RedisError as exc:
+            checks["redis"] = f"unavailable: {type(exc).__name__}"
     uploads = svc.settings.uploads_dir
     try:
         uploads.mkdir(parents=True, exist_ok=True)
@@ -37,6 +61,6 @@ def ready(svc: Services = Depends(services)) -> JSONResponse:
     except OSError as exc:
         checks["shared_dir"] = f"unavailable: {exc.strerror}"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503
-    )
+    status = "not ready" if not ok else ("degraded" if degraded else "ready")
+    checks.update(degraded)
+    return JSONResponse({"status": status, "checks": checks}, status_code=200 if ok else 503)
