@@ -177,7 +177,7 @@ def test_job_gauges_from_the_active_records() -> None:
 
 
 def test_celery_task_events_follow_the_setting() -> None:
-    from morag.worker import celery_config
+    from morag.celery_app import celery_config
 
     off = celery_config(Settings())
     on = celery_config(Settings(celery_events=True))

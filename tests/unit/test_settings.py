@@ -51,7 +51,7 @@ def test_defaults_are_safe_for_long_jobs() -> None:
 
 
 def test_celery_config_delivery_guarantees() -> None:
-    from morag.worker import celery_config
+    from morag.celery_app import celery_config
 
     conf = celery_config(Settings(job_time_limit=100, visibility_timeout=200))
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
@@ -66,10 +66,12 @@ def test_nothing_connects_at_import() -> None:
     import importlib
 
     import morag.api.app
+    import morag.runtime
     import morag.worker
 
-    importlib.reload(morag.worker)
-    assert morag.worker._runtime is None
+    importlib.reload(morag.runtime)
+    assert morag.runtime._runtime is None
+    assert morag.runtime._device is None
 
 
 def test_every_setting_is_documented() -> None:

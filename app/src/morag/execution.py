@@ -15,13 +15,14 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from morag import files, fleet, urls
+from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE
 from morag.jobs import TERMINAL, Record
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
 from morag.routing import gpu_failure_route, rescued_route
+from morag.runtime import Runtime
 from morag.webhooks import notify_end
-from morag.worker import Runtime, dispatch
 
 log = logging.getLogger("morag.execution")
 

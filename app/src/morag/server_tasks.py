@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 
 from morag import files, metrics, urls
+from morag.celery_app import STORE_TASK, celery_app
 from morag.jobs import CANCELLED
+from morag.runtime import get_runtime
 from morag.webhooks import body_of, notify_end, signed_headers
-from morag.worker import celery_app, get_runtime
 
 log = logging.getLogger("morag.server_tasks")
 
@@ -67,7 +68,7 @@ def store_record(record: dict[str, Any], settings: Any, device: str) -> int:
     return store.upsert_chunks(settings, record["task_id"], vectors, payloads)
 
 
-@celery_app.task(name="morag.store_job", bind=True, acks_late=True, reject_on_worker_lost=True)
+@celery_app.task(name=STORE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def store_job(self: Any, task_id: str) -> None:
     import os
 

@@ -14,13 +14,14 @@ from kombu.exceptions import OperationalError
 from prometheus_client import CollectorRegistry
 
 from morag import metrics_export, urls
+from morag.celery_app import dispatch
 from morag.config import Settings
 from morag.fleet import CachedFleet
 from morag.jobs import JobStore, Record, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.routing import decide_route
-from morag.worker import dispatch, job_store
+from morag.runtime import job_store
 
 log = logging.getLogger("morag.submission")
 

@@ -20,11 +20,12 @@ import redis
 from celery.worker import state as worker_state
 
 from morag import __version__, fleet, gpu_telemetry
+from morag.celery_app import celery_app, dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
 from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL, Record
 from morag.processors.registry import advertised_types
 from morag.routing import WORKER_LOST, decide_rescue, decide_route
-from morag.worker import celery_app, decide_device, dispatch, job_store
+from morag.runtime import decide_device, job_store
 
 log = logging.getLogger("morag.supervisor")
 

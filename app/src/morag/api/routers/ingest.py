@@ -19,10 +19,10 @@ from morag.api.schemas import (
     IngestUrl,
     errors,
 )
+from morag.celery_app import celery_app
 from morag.jobs import TERMINAL, new_id
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
 from morag.webhooks import notify_end
-from morag.worker import celery_app
 
 router = APIRouter(
     prefix="/api/v1/ingest",

@@ -16,10 +16,10 @@ from starlette.concurrency import run_in_threadpool
 from morag.api.deps import ApiKey, services
 from morag.api.errors import ApiError
 from morag.api.schemas import Deleted, SearchAnswer, SearchRequest, errors
+from morag.celery_app import celery_app
 from morag.config import STORE_QUEUE
 from morag.jobs import new_id
 from morag.submission import Services
-from morag.worker import celery_app
 
 router = APIRouter(
     prefix="/api/v1/search", tags=["search"], dependencies=[ApiKey], responses=errors()

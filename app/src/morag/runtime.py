@@ -1,0 +1,76 @@
+"""A worker process's runtime: its settings, device, Redis client and job store.
+
+The device is decided once in the worker's parent (with nvidia-smi, never CUDA) and
+inherited by the forked pool children; the Redis client and the job store are rebuilt in
+each process after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import redis
+
+from morag.config import Settings, get_settings
+from morag.devices import EX_CONFIG, DeviceInfo, DeviceUnavailable, detect_device
+from morag.jobs import JobStore
+
+log = logging.getLogger("morag.worker")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    device: DeviceInfo
+    pid: int
+
+
+_runtime: Runtime | None = None
+_device: DeviceInfo | None = None  # decided in the parent, inherited by forked children
+
+
+def decide_device(settings: Settings) -> DeviceInfo:
+    """Decided once per worker; raises DeviceUnavailable for MORAG_DEVICE=cuda without CUDA."""
+    global _device
+    if _device is None:
+        _device = detect_device(settings.device)
+    return _device
+
+
+def require_device(settings: Settings) -> DeviceInfo:
+    """decide_device, or exit with EX_CONFIG (78) and the reason on stderr and in the log.
+
+    systemd's RestartPreventExitStatus=78 then leaves the unit failed with the message in its
+    journal, instead of restarting a worker that cannot do what it was told."""
+    try:
+        return decide_device(settings)
+    except DeviceUnavailable as exc:
+        if log.hasHandlers():
+            log.critical("%s", exc)
+        print(f"morag worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG) from exc
+
+
+def job_store(client: redis.Redis, settings: Settings) -> JobStore:
+    return JobStore(
+        client,
+        ttl=settings.job_ttl,
+        lease_ttl=settings.heartbeat_ttl,
+        outbox_grace=settings.outbox_grace,
+    )
+
+
+def get_runtime() -> Runtime:
+    """This process's Redis client and job store; rebuilt after a fork."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        settings = get_settings()
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        store = job_store(client, settings)
+        _runtime = Runtime(settings, client, store, decide_device(settings), os.getpid())
+    return _runtime
