@@ -14,18 +14,31 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 import redis
 
 from morag import metrics
 
+
+# A str enum: the record stores, and code compares, the plain strings.
+class JobStatus(str, Enum):
+    """A job's state. ``succeeded``, ``failed`` and ``cancelled`` are final."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
+    JobStatus.queued.value,
+    JobStatus.running.value,
+    JobStatus.succeeded.value,
+    JobStatus.failed.value,
+    JobStatus.cancelled.value,
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 

@@ -19,22 +19,13 @@ turns an answer into a 500.
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from morag.jobs import JobStatus
+
 # -- shared pieces -------------------------------------------------------------------------
-
-
-class JobStatus(str, Enum):
-    """A job's state. ``succeeded``, ``failed`` and ``cancelled`` are final."""
-
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
