@@ -13,8 +13,8 @@ def test_service_account_fixed_ids(facts):
 def test_env_file_mode_and_owner(facts):
     f = facts.host.file("/etc/morag/morag.env")
     assert f.exists
-    assert f.mode == 0o600
-    assert f.user in ("root", "morag")
+    assert f.mode == 0o640
+    assert f.user == "root"
     assert f.group == "morag"
 
 
@@ -53,7 +53,9 @@ def test_redis_refuses_without_auth(facts):
     out = facts.redis(
         "from urllib.parse import urlsplit\n"
         "u = urlsplit(url)\n"
-        "anon = redis.Redis(host=u.hostname, port=u.port or 6379, socket_timeout=5)\n"
+        "tls = u.scheme == 'rediss'\n"
+        "anon = redis.Redis(host=u.hostname, port=u.port or 6379, socket_timeout=5, ssl=tls,\n"
+        "    ssl_ca_certs='/etc/morag/redis-ca.crt' if tls else None)\n"
         "try:\n"
         "    anon.ping(); print('open')\n"
         "except (redis.AuthenticationError, redis.ResponseError) as e:\n"

@@ -1,4 +1,4 @@
-"""Content detection, Markdown chunking, webhook signatures and the vector store filter."""
+"""Content detection, Markdown chunking and the vector store filter (webhook signatures: test_webhooks.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from morag.processors.detect import detect_content_type
 from morag.vectors.chunking import chunk_markdown
 from morag.vectors.store import build_filter, point_id
-from morag.webhooks import sign, verify
 
 
 @pytest.mark.parametrize(
@@ -54,13 +53,6 @@ def test_chunk_overlap_carries_context() -> None:
 
 def test_empty_text_has_no_chunks() -> None:
     assert chunk_markdown("", 100, 10) == []
-
-
-def test_webhook_signature_round_trip() -> None:
-    body = b'{"status":"succeeded"}'
-    signature = sign(body, "s3cret")
-    assert signature.startswith("sha256=") and verify(body, "s3cret", signature)
-    assert not verify(body + b" ", "s3cret", signature)
 
 
 def test_filter_keys_and_point_ids() -> None:

@@ -1,20 +1,29 @@
-"""Client-supplied URLs: only http(s), never to private networks unless allow-listed.
+"""Client-supplied URLs: only well-formed http(s), never to private networks unless
+allow-listed, and always connected to the address that was checked.
 
 Checked at submission (a clear 422) and again by the worker before each request and
-redirect, because DNS answers and redirects can change between the two.
+redirect. A check alone is not enough: a second DNS lookup at connect time could answer a
+private address (DNS rebinding). ``resolve`` returns the checked addresses and ``open_pinned``
+sends the request to one of them, with the original ``Host`` header and TLS server name.
+yt-dlp's traffic goes through the same policy in ``morag.policy_proxy``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 MAX_REDIRECTS = 5
+MAX_URL_LENGTH = 4096
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 class UrlRefused(ValueError):
@@ -32,44 +41,148 @@ def parse_allowlist(entries: list[str]) -> tuple[set[str], list[Network]]:
     return hosts, nets
 
 
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _ascii_host(host: str) -> str:
+    """The host as DNS sees it (IDNA for non-ASCII names), or UrlRefused if it is no name."""
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise UrlRefused(f"the host {host!r} is not a valid domain name") from exc
+    name = ascii_host.rstrip(".")
+    if not name or len(name) > 253:
+        raise UrlRefused(f"the host {host[:80]!r} is not a valid domain name (over 253 chars)")
+    for label in name.split("."):
+        if not _LABEL.fullmatch(label):
+            raise UrlRefused(
+                f"the host {host[:80]!r} is not a valid domain name: labels are 1 to 63 "
+                "letters, digits or hyphens"
+            )
+    return name
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL: its parts, the host to send as ``Host``/SNI, and where it may go."""
+
+    url: str
+    parts: SplitResult
+    host: str  # lower-case, IDNA; no brackets for IPv6
+    port: int
+    literal: bool  # the URL names an IP address itself
+
+
+def parse(url: str) -> Target:
+    """Syntax only: scheme, host and port; UrlRefused (a 422) for anything malformed."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UrlRefused(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise UrlRefused("the URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        raw_host = parts.hostname or ""
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+        raise UrlRefused(f"malformed URL: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise UrlRefused("only http and https URLs are accepted")
+    if not raw_host:
+        raise UrlRefused("the URL has no host")
+    if port == 0:
+        raise UrlRefused("port 0 is not a valid port")
+    host = raw_host.lower()
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        literal = True
+    except ValueError:
+        literal = False
+        if "[" in parts.netloc:
+            raise UrlRefused(f"malformed URL: {host!r} is not an IP address") from None
+        host = _ascii_host(host)
+    default_port = 443 if parts.scheme == "https" else 80
+    return Target(url=url, parts=parts, host=host, port=port or default_port, literal=literal)
+
+
+def _addresses(host: str, port: int) -> list[Address]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
         raise UrlRefused(f"cannot resolve host {host!r}") from exc
-    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    found: list[Address] = []
+    for info in infos:
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if addr not in found:
+            found.append(addr)
+    if not found:
+        raise UrlRefused(f"cannot resolve host {host!r}")
+    return found
+
+
+def check_address(host: str, addr: Address, nets: list[Network]) -> None:
+    if any(addr in net for net in nets):
+        return
+    if not addr.is_global:
+        raise UrlRefused(
+            f"{host} resolves to {addr}, a private, loopback or link-local address "
+            "(allow it with MORAG_URL_ALLOWLIST)"
+        )
+
+
+def resolve(target: Target, allowlist: list[str]) -> list[Address]:
+    """The addresses a connection to ``target`` may use; all of them passed the policy.
+    One bad answer refuses the host: a name that mixes public and private addresses is
+    the shape of a rebinding attack."""
+    hosts, nets = parse_allowlist(allowlist)
+    addrs = _addresses(target.host, target.port)
+    if target.host in hosts:
+        return addrs
+    for addr in addrs:
+        check_address(target.host, addr, nets)
+    return addrs
 
 
 def check_url(url: str, allowlist: list[str]) -> str:
     """Return the URL if a worker may fetch it, else raise UrlRefused with the reason."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise UrlRefused("only http and https URLs are accepted")
-    host = (parts.hostname or "").lower()
-    if not host:
-        raise UrlRefused("the URL has no host")
-    hosts, nets = parse_allowlist(allowlist)
-    if host in hosts:
-        return url
-    for addr in _addresses(host):
-        if any(addr in net for net in nets):
-            continue
-        if not addr.is_global:
-            raise UrlRefused(
-                f"{host} resolves to {addr}, a private, loopback or link-local address "
-                "(allow it with MORAG_URL_ALLOWLIST)"
-            )
+    resolve(parse(url), allowlist)
     return url
 
 
+def pinned_request(
+    client: httpx.Client, method: str, url: str, allowlist: list[str], **kwargs: object
+) -> httpx.Request:
+    """A request for ``url`` addressed to a checked IP: the connection cannot go elsewhere,
+    whatever DNS answers later. ``Host`` and the TLS server name stay the URL's host, so
+    virtual hosts and certificate checks work as usual."""
+    target = parse(url)
+    addr = resolve(target, allowlist)[0]
+    ip = f"[{addr}]" if addr.version == 6 else str(addr)
+    netloc = f"{ip}:{target.port}"
+    pinned = urlunsplit(target.parts._replace(netloc=netloc))
+    default_port = 443 if target.parts.scheme == "https" else 80
+    host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
+    if target.literal and addr.version == 6:
+        host_header = f"[{target.host}]" + (
+            "" if target.port == default_port else f":{target.port}"
+        )
+    headers = dict(kwargs.pop("headers", None) or {})  # type: ignore[call-overload]
+    headers["Host"] = host_header
+    extensions = {} if target.literal else {"sni_hostname": target.host}
+    return client.build_request(
+        method,
+        pinned,
+        headers=headers,
+        extensions=extensions,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
 def download(url: str, dest: Path, *, allowlist: list[str], max_bytes: int, timeout: float) -> str:
-    """Stream ``url`` to ``dest`` with a size cap, re-checking every redirect. Returns the
-    final URL's content type header."""
+    """Stream ``url`` to ``dest`` with a size cap, re-checking every redirect and connecting
+    to the checked address. Returns the final URL's content type header."""
     current = url
     with httpx.Client(timeout=timeout, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(current, allowlist)
-            with client.stream("GET", current) as resp:
+            request = pinned_request(client, "GET", current, allowlist)
+            resp = client.send(request, stream=True)
+            try:
                 if resp.is_redirect:
                     current = urljoin(current, resp.headers.get("location", ""))
                     continue
@@ -83,4 +196,15 @@ def download(url: str, dest: Path, *, allowlist: list[str], max_bytes: int, time
                             raise UrlRefused(f"the content at {current} exceeds {max_bytes} bytes")
                         out.write(chunk)
                 return resp.headers.get("content-type", "")
+            finally:
+                resp.close()
     raise UrlRefused(f"more than {MAX_REDIRECTS} redirects")
+
+
+def post_pinned(
+    url: str, *, allowlist: list[str], content: bytes, headers: dict[str, str], timeout: float
+) -> httpx.Response:
+    """POST to a checked address (webhooks); redirects are not followed."""
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        request = pinned_request(client, "POST", url, allowlist, content=content, headers=headers)
+        return client.send(request)

@@ -2,16 +2,28 @@
 
 The POST runs as a Celery task on the server's ``morag-store`` queue (retried with
 exponential backoff), never inside the worker that ran the job. The body is the job's
-public view as JSON; ``X-MoRAG-Signature: sha256=<hex>`` is the HMAC-SHA256 of the exact
-body bytes with ``MORAG_WEBHOOK_SECRET``, so receivers can verify it came from MoRAG.
+public view as JSON, signed the Standard Webhooks way (https://www.standardwebhooks.com/):
+
+- ``webhook-id``: ``msg_<task id>``, the same on every retry, so a receiver can drop
+  duplicates;
+- ``webhook-timestamp``: Unix seconds of this attempt; receivers refuse old ones, so a
+  captured delivery cannot be replayed later;
+- ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``.
+
+The key is ``MORAG_WEBHOOK_SECRET``: a ``whsec_<base64>`` secret (what Standard Webhooks
+libraries generate) is base64-decoded, any other value is used as its UTF-8 bytes. Without
+a secret the webhook goes out unsigned, with ``webhook-id`` and ``webhook-timestamp`` and
+no ``webhook-signature``; the API says so when it starts and every delivery logs it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
+import time
 from typing import Any
 
 import redis
@@ -21,21 +33,54 @@ from morag.jobs import TERMINAL, Record
 
 log = logging.getLogger("morag.webhooks")
 
-SIGNATURE_HEADER = "X-MoRAG-Signature"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of Standard Webhooks secrets
 SENT_TTL = 7 * 24 * 3600
+CLAIM_TTL = 60  # while one caller publishes; it expires if that caller dies mid-way
+UNSIGNED_NOTE = (
+    "MORAG_WEBHOOK_SECRET is not set: webhooks are sent unsigned (no webhook-signature "
+    "header), receivers cannot tell them from forgeries"
+)
 
 
 def sent_key(task_id: str) -> str:
     return f"morag:webhook:{task_id}"
 
 
-def sign(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def message_id(task_id: str) -> str:
+    return f"msg_{task_id}"
 
 
-def verify(body: bytes, secret: str, header: str) -> bool:
-    """What a receiver does: recompute the signature and compare in constant time."""
-    return hmac.compare_digest(sign(body, secret), header)
+def secret_key(secret: str) -> bytes:
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX) :] + "==", validate=False)
+        except ValueError as exc:
+            raise ValueError("MORAG_WEBHOOK_SECRET starts with whsec_ but is not base64") from exc
+    return secret.encode()
+
+
+def sign(msg_id: str, timestamp: int, body: bytes, secret: str) -> str:
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def verify(
+    body: bytes, secret: str, headers: dict[str, str], tolerance: float = 300, now: float = 0
+) -> bool:
+    """What a receiver does (tests use the ``standardwebhooks`` package instead)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    msg_id, stamp = lower.get(ID_HEADER, ""), lower.get(TIMESTAMP_HEADER, "")
+    if not msg_id or not stamp.isdigit():
+        return False
+    if abs((now or time.time()) - int(stamp)) > tolerance:
+        return False
+    expected = sign(msg_id, int(stamp), body, secret)
+    given = lower.get(SIGNATURE_HEADER, "").split(" ")
+    return any(hmac.compare_digest(expected, sig) for sig in given)
 
 
 def body_of(record: Record) -> bytes:
@@ -45,23 +90,55 @@ def body_of(record: Record) -> bytes:
 
 
 def notify_end(client: redis.Redis, record: Record | None) -> bool:
-    """Queue the webhook for an ended job, once per job (whoever ends it calls this)."""
+    """Queue the webhook for an ended job, once per job (whoever ends it calls this).
+
+    The job is marked as notified only once the message was published: a broker error
+    leaves it unmarked (and logged) instead of losing the webhook behind a mark."""
     if not record or not record.get("webhook_url") or record["status"] not in TERMINAL:
         return False
+    key = sent_key(record["task_id"])
     try:
-        if not client.set(sent_key(record["task_id"]), record["status"], nx=True, ex=SENT_TTL):
-            return False
-        from morag.worker import celery_app
-
-        celery_app.send_task("morag.deliver_webhook", (record["task_id"],), queue=STORE_QUEUE)
+        if not client.set(key, "publishing", nx=True, ex=CLAIM_TTL):
+            return False  # sent already, or another caller is publishing it now
     except Exception:  # a webhook must never fail the job or the worker
         log.exception("could not queue the webhook of job %s", record["task_id"])
         return False
+    try:
+        from morag.celery_app import celery_app
+
+        celery_app.send_task("morag.deliver_webhook", (record["task_id"],), queue=STORE_QUEUE)
+    except Exception:
+        log.exception("could not queue the webhook of job %s", record["task_id"])
+        try:
+            client.delete(key)  # not published: a later call may try again
+        except Exception:
+            log.exception("could not release the webhook claim of job %s", record["task_id"])
+        return False
+    try:
+        client.set(key, record["status"], ex=SENT_TTL)
+    except Exception:  # published; the claim expiring could at worst repeat the same id
+        log.exception("could not mark the webhook of job %s as queued", record["task_id"])
     return True
 
 
-def headers_for(body: bytes, secret: str | None) -> dict[str, Any]:
-    headers = {"Content-Type": "application/json", "User-Agent": "MoRAG-webhook/1"}
+def headers_for(
+    body: bytes, secret: str | None, *, msg_id: str, timestamp: int | None = None
+) -> dict[str, Any]:
+    stamp = int(time.time()) if timestamp is None else timestamp
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "MoRAG-webhook/2",
+        ID_HEADER: msg_id,
+        TIMESTAMP_HEADER: str(stamp),
+    }
     if secret:
-        headers[SIGNATURE_HEADER] = sign(body, secret)
+        headers[SIGNATURE_HEADER] = sign(msg_id, stamp, body, secret)
     return headers
+
+
+def signed_headers(record: Record, body: bytes, settings: Any) -> dict[str, Any]:
+    """The headers of one delivery attempt (a fresh timestamp each time)."""
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    if not secret:
+        log.warning("webhook of job %s: %s", record["task_id"], UNSIGNED_NOTE)
+    return headers_for(body, secret or None, msg_id=message_id(record["task_id"]))

@@ -117,3 +117,17 @@ def test_gpu_instances_keep_a_cuda_cache(host):
     with host.sudo():
         env = host.file("/etc/morag/worker-0.env").content_string
     assert 'CUDA_CACHE_PATH="/var/lib/morag/cuda-cache"' in env
+
+
+def test_units_cap_memory_tasks_and_addresses(host):
+    unit = host.check_output("systemctl cat morag-worker@0")
+    assert "MemoryMax=80%" in unit
+    assert "TasksMax=1024" in unit
+    deny = next(line for line in unit.splitlines() if line.startswith("IPAddressDeny="))
+    allow = next(line for line in unit.splitlines() if line.startswith("IPAddressAllow="))
+    for net in ("localhost", "link-local", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"):
+        assert net in deny.split("=", 1)[1].split()
+    # Redis of this scenario (127.0.0.1) and the yt-dlp policy proxy's address.
+    assert "127.0.0.1" in allow.split("=", 1)[1].split()
+    props = host.check_output("systemctl show morag-worker@0 -p TasksMax -p MemoryMax")
+    assert "TasksMax=1024" in props

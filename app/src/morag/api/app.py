@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,12 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from morag import __version__
+from morag.api import errors
+from morag.api.guard import RequestGuard
 from morag.api.routers import (
     docs,
     files,
     health,
     ingest,
     metrics,
+    openai_audio,
     process,
     search,
     status,
@@ -23,6 +27,9 @@ from morag.api.routers import (
 )
 from morag.config import Settings, get_settings
 from morag.submission import build_services
+from morag.webhooks import UNSIGNED_NOTE
+
+log = logging.getLogger("morag.api")
 
 
 class ConfigurationError(RuntimeError):
@@ -43,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = build_services(settings)
+        if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+            log.warning(UNSIGNED_NOTE)
         yield
         app.state.services.redis.close()
 
@@ -58,9 +67,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     @app.exception_handler(redis.RedisError)
-    async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse({"detail": f"Redis unavailable: {type(exc).__name__}"}, 503)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        detail = f"Redis unavailable: {type(exc).__name__}"
+        return errors.error_response(request, 503, detail, "unavailable")
 
-    for module in (health, metrics, process, ingest, status, workers, files, search, docs):
+    errors.install(app)  # every error body gets its `code` (OpenAI's shape under /v1/)
+    routers = (health, metrics, process, ingest, status, workers, files, search, docs)
+    for module in (*routers, openai_audio):
         app.include_router(module.router)
+    # Before any router: credentials and body size are checked before a body byte is read.
+    worker_token = settings.worker_token
+    app.add_middleware(
+        RequestGuard,
+        api_keys=settings.api_key_values,
+        worker_token=lambda: worker_token.get_secret_value() if worker_token else None,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     return app

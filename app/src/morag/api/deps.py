@@ -27,23 +27,51 @@ def _matches(given: str, expected: list[str]) -> bool:
     return any(hits)
 
 
+class AuthFailure(Exception):
+    """A refused credential: the HTTP status, a readable detail and a stable code."""
+
+    def __init__(self, status: int, detail: str, code: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.code = code
+
+
+def check_api_key(given: str | None, keys: list[str]) -> None:
+    """Raise AuthFailure unless ``given`` is one of ``keys``. Shared by the route dependency
+    and the ASGI guard (``api/guard.py``), which runs it before any body is read."""
+    if not given:
+        raise AuthFailure(401, "missing API key: send it in the X-API-Key header", "no_api_key")
+    if not _matches(given, keys):
+        raise AuthFailure(403, "invalid API key", "bad_api_key")
+
+
+def check_worker_token(given: str | None, token: str | None) -> None:
+    if not given:
+        raise AuthFailure(
+            401, "missing worker token: send it in the X-Worker-Token header", "no_worker_token"
+        )
+    if not token or not _matches(given, [token]):
+        raise AuthFailure(403, "invalid worker token", "bad_worker_token")
+
+
 def require_api_key(
     request: Request, x_api_key: str | None = Header(default=None, alias="X-API-Key")
 ) -> None:
-    if not x_api_key:
-        raise HTTPException(401, "missing API key: send it in the X-API-Key header")
-    if not _matches(x_api_key, services(request).settings.api_key_values()):
-        raise HTTPException(403, "invalid API key")
+    try:
+        check_api_key(x_api_key, services(request).settings.api_key_values())
+    except AuthFailure as exc:
+        raise HTTPException(exc.status, exc.detail) from exc
 
 
 def require_worker_token(
     request: Request, x_worker_token: str | None = Header(default=None, alias="X-Worker-Token")
 ) -> None:
     token = services(request).settings.worker_token
-    if not x_worker_token:
-        raise HTTPException(401, "missing worker token: send it in the X-Worker-Token header")
-    if token is None or not _matches(x_worker_token, [token.get_secret_value()]):
-        raise HTTPException(403, "invalid worker token")
+    try:
+        check_worker_token(x_worker_token, token.get_secret_value() if token else None)
+    except AuthFailure as exc:
+        raise HTTPException(exc.status, exc.detail) from exc
 
 
 def require_metrics_token(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from morag.processors.base import ProcessContext, ProcessingError
+from morag.tools import last_line, run_tool
 
 OCR_TIMEOUT = 300
 LANGUAGES = re.compile(r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")  # tesseract's -l syntax: eng+deu
@@ -32,18 +32,11 @@ def image_info(path: Path) -> dict[str, Any]:
 
 
 def ocr(path: Path, languages: str, timeout: float = OCR_TIMEOUT) -> str:
-    try:
-        done = subprocess.run(
-            ["tesseract", str(path), "stdout", "-l", languages],
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ProcessingError(f"OCR took longer than {timeout}s") from exc
+    done = run_tool(
+        ["tesseract", str(path), "stdout", "-l", languages], timeout=timeout, what="OCR"
+    )
     if done.returncode != 0:
-        detail = done.stderr.decode(errors="replace").strip().splitlines()
-        raise ProcessingError(f"OCR failed: {detail[-1] if detail else 'tesseract failed'}")
+        raise ProcessingError(f"OCR failed: {last_line(done.stderr, 'tesseract failed')}")
     return done.stdout.decode(errors="replace")
 
 
@@ -56,7 +49,7 @@ class ImageProcessor:
         languages = str(options.get("ocr_languages") or ctx.settings.ocr_languages)
         if not LANGUAGES.fullmatch(languages):
             raise ProcessingError(f"invalid OCR language list {languages!r} (e.g. eng+deu)")
-        text = ocr(path, languages)
+        text = ocr(path, languages, ctx.settings.tool_timeout)
         lines = [line.strip() for line in text.splitlines()]
         content = "\n".join(line for line in lines if line).strip()
         return {

@@ -1,23 +1,29 @@
-"""Video: probe the streams with ffprobe, extract the audio track with ffmpeg, transcribe it."""
+"""Video: probe the streams with ffprobe, extract the audio track with ffmpeg, transcribe it.
+
+Both programs run with a time limit (``morag.tools``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from morag.processors.base import ProcessContext, ProcessingError
+from morag.tools import PROBE_TIMEOUT, ffmpeg_to_wav, last_line, run_tool
 
 
 def probe(path: Path) -> dict[str, Any]:
-    import ffmpeg
-
+    done = run_tool(
+        ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
+        timeout=PROBE_TIMEOUT,
+        what="reading the video (ffprobe)",
+    )
+    if done.returncode != 0:
+        raise ProcessingError(f"cannot read the video: {last_line(done.stderr, 'ffprobe failed')}")
     try:
-        return ffmpeg.probe(str(path))
-    except ffmpeg.Error as exc:
-        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise ProcessingError(
-            f"cannot read the video: {detail[-1] if detail else 'ffprobe failed'}"
-        ) from exc
+        return json.loads(done.stdout)
+    except ValueError as exc:
+        raise ProcessingError("cannot read the video: ffprobe gave no readable answer") from exc
 
 
 def describe(info: dict[str, Any]) -> dict[str, Any]:
@@ -39,23 +45,12 @@ def describe(info: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def extract_audio(path: Path, dest: Path) -> Path:
+def extract_audio(path: Path, dest: Path, timeout: float) -> Path:
     """The first audio track as 16 kHz mono WAV (what Whisper wants)."""
-    import ffmpeg
-
     try:
-        (
-            ffmpeg.input(str(path))
-            .output(str(dest), vn=None, ac=1, ar=16000, acodec="pcm_s16le")
-            .overwrite_output()
-            .run(quiet=True)
-        )
-    except ffmpeg.Error as exc:
-        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise ProcessingError(
-            f"cannot extract the audio track: {detail[-1] if detail else 'ffmpeg failed'}"
-        ) from exc
-    return dest
+        return ffmpeg_to_wav(path, dest, timeout=timeout, what="extracting the audio track")
+    except ProcessingError as exc:
+        raise ProcessingError(f"cannot extract the audio track: {exc}") from exc
 
 
 class VideoProcessor:
@@ -68,7 +63,7 @@ class VideoProcessor:
         video_meta = describe(probe(path))
         if video_meta["audio_codec"] is None:
             raise ProcessingError("the video has no audio track: nothing to transcribe")
-        wav = extract_audio(path, ctx.work_dir / "audio.wav")
+        wav = extract_audio(path, ctx.work_dir / "audio.wav", ctx.settings.tool_timeout)
         result = get_processor("audio").process(wav, options, ctx)
         meta = result.setdefault("metadata", {})
         speech_duration = meta.pop("duration", None)

@@ -1,8 +1,9 @@
-"""Web pages: fetch the URL (size and time capped, every redirect re-checked) and keep the
-main text as Markdown with trafilatura."""
+"""Web pages: fetch the URL (size and time capped, every redirect re-checked, connected to
+the checked address) and keep the main text as Markdown with trafilatura."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,23 @@ def extract_main_text(html: str, url: str) -> tuple[str, dict[str, Any]]:
     return (content or "").strip(), meta
 
 
+def page_charset(content_type: str) -> str:
+    """The charset named by the Content-Type header (UTF-8 if none); an unknown one is a
+    clear job error, not a LookupError deep in the decoder."""
+    charset = "utf-8"
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip("\"'"):
+            charset = value.strip().strip("\"'")
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        raise ProcessingError(
+            f"the page declares an unknown character set {charset[:40]!r} "
+            f"(Content-Type: {content_type[:200]})"
+        ) from None
+
+
 class WebProcessor:
     content_type = "web"
     fetches_url = True
@@ -49,10 +67,7 @@ class WebProcessor:
         )
         ctx.report_progress(0.5)
         raw = page.read_bytes()
-        charset = "utf-8"
-        if "charset=" in header:
-            charset = header.split("charset=", 1)[1].split(";")[0].strip() or charset
-        html = raw.decode(charset, errors="replace")
+        html = raw.decode(page_charset(header), errors="replace")
         content, meta = extract_main_text(html, ctx.source_url)
         if not content:
             raise ProcessingError(f"no main text found at {ctx.source_url}")

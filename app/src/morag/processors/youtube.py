@@ -1,21 +1,43 @@
 """YouTube and other media URLs: yt-dlp downloads the audio, then the audio processor
 transcribes it. yt-dlp's generic extractor takes a plain media URL as well.
 
-The URL (and the media URL yt-dlp resolves it to) must pass ``urls.check_url`` first, so
-yt-dlp never reaches private addresses unless MORAG_URL_ALLOWLIST permits them.
+Every connection yt-dlp makes (the page, each redirect, the media, each HLS/DASH fragment)
+goes through ``policy_proxy``, which applies ``urls``' policy and connects to the checked
+address: yt-dlp never reaches private addresses unless MORAG_URL_ALLOWLIST permits them.
+Its ffmpeg post-processing runs under ``ffmpeg_timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from morag import urls
+from morag.policy_proxy import ProxyLog, policy_proxy, ydl_proxy_options
 from morag.processors.base import ProcessContext, ProcessingError
+from morag.tools import ffmpeg_to_wav
 
 
-def _ydl_options(dest: Path, settings: Any) -> dict[str, Any]:
+def _deadline_hook(seconds: float) -> Callable[[dict[str, Any]], None]:
+    """A progress hook that stops the download after ``seconds``: a server that drips a byte
+    just under the socket timeout would otherwise keep a job for its whole time limit."""
+    from yt_dlp.utils import DownloadError
+
+    deadline = time.monotonic() + seconds
+
+    def hook(_: dict[str, Any]) -> None:
+        if time.monotonic() > deadline:
+            raise DownloadError(f"the download took longer than {seconds:g}s and was stopped")
+
+    return hook
+
+
+def _ydl_options(dest: Path, settings: Any, proxy_url: str) -> dict[str, Any]:
     return {
+        **ydl_proxy_options(proxy_url),
+        "progress_hooks": [_deadline_hook(settings.tool_timeout)],
         "format": "bestaudio/best",
         "outtmpl": str(dest / "media.%(ext)s"),
         "noplaylist": True,
@@ -26,9 +48,8 @@ def _ydl_options(dest: Path, settings: Any) -> dict[str, Any]:
         "max_filesize": settings.max_upload_bytes,
         "retries": 2,
         "cachedir": False,
-        "postprocessors": [
-            {"key": "FFmpegExtractAudio", "preferredcodec": "wav", "preferredquality": "0"}
-        ],
+        # No FFmpegExtractAudio post-processor: yt-dlp runs ffmpeg without a time limit.
+        # The audio is extracted below by morag.tools, which has one.
     }
 
 
@@ -37,6 +58,12 @@ def _resolved_urls(info: dict[str, Any]) -> list[str]:
     for fmt in info.get("requested_formats") or []:
         found.append(fmt.get("url"))
     return [u for u in found if isinstance(u, str) and u.startswith(("http://", "https://"))]
+
+
+def _download_failure(url: str, exc: Exception, refusals: ProxyLog) -> str:
+    if refusals.refused:
+        return f"URL refused while yt-dlp fetched {url}: {refusals.refused[0]}"
+    return f"yt-dlp could not download {url}: {exc}"
 
 
 class YoutubeProcessor:
@@ -56,23 +83,32 @@ class YoutubeProcessor:
         urls.check_url(url, allow)
         dest = path / "ytdlp"
         dest.mkdir(parents=True, exist_ok=True)
-        try:
-            with YoutubeDL(_ydl_options(dest, ctx.settings)) as ydl:
-                info = ydl.extract_info(url, download=False)
-                if info is None:
-                    raise ProcessingError(f"yt-dlp found no media at {url}")
-                if info.get("_type") == "playlist":
-                    raise ProcessingError("playlists are not supported: submit one video URL")
-                for media_url in _resolved_urls(info):
-                    urls.check_url(media_url, allow)
-                info = ydl.process_ie_result(info, download=True)
-        except DownloadError as exc:
-            raise ProcessingError(f"yt-dlp could not download {url}: {exc}") from exc
-        wavs = sorted(dest.glob("*.wav"))
-        if not wavs:
-            raise ProcessingError(f"yt-dlp produced no audio for {url}")
+        with policy_proxy(allow, ctx.settings.url_timeout) as (proxy_url, refusals):
+            try:
+                with YoutubeDL(_ydl_options(dest, ctx.settings, proxy_url)) as ydl:
+                    info = ydl.extract_info(url, download=False)
+                    if info is None:
+                        raise ProcessingError(f"yt-dlp found no media at {url}")
+                    if info.get("_type") == "playlist":
+                        raise ProcessingError("playlists are not supported: submit one video URL")
+                    for media_url in _resolved_urls(info):
+                        urls.check_url(media_url, allow)
+                    info = ydl.process_ie_result(info, download=True)
+            except DownloadError as exc:
+                raise ProcessingError(_download_failure(url, exc, refusals)) from exc
+            except urls.UrlRefused as exc:
+                raise ProcessingError(f"URL refused: {exc}") from exc
+        media = sorted(p for p in dest.glob("media.*") if not p.name.endswith(".part"))
+        if not media:
+            raise ProcessingError(f"yt-dlp produced no media for {url}")
+        wav = ffmpeg_to_wav(
+            media[0],
+            path / "audio.wav",
+            timeout=ctx.settings.tool_timeout,
+            what="extracting the audio (ffmpeg)",
+        )
         ctx.report_progress(0.3)
-        result = get_processor("audio").process(wavs[0], options, ctx)
+        result = get_processor("audio").process(wav, options, ctx)
         meta = result.setdefault("metadata", {})
         for key in ("title", "uploader", "webpage_url", "extractor", "upload_date"):
             if info.get(key):
