@@ -1,4 +1,4 @@
-"""Content detection, Markdown chunking and the vector store filter (webhook signatures: test_webhooks.py)."""
+"""Content detection, Markdown chunking and the vector store filter."""
 
 from __future__ import annotations
 
