@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +48,18 @@ class ProcessContext:
     report_progress: Callable[[float], None]
     source_url: str | None = None  # the job's URL, for processors that fetch it themselves
 
+    def nested(self, start: float, end: float) -> ProcessContext:
+        """The context for a nested step (video and youtube call audio): the step reports
+        0..1 of its own work, the job sees it as start..end of its progress. Clamped, so a
+        step that starts over at 0 never moves the job's progress backwards."""
+        outer = self.report_progress
+        span = max(end - start, 0.0)
+
+        def report(fraction: float) -> None:
+            outer(start + span * min(max(fraction, 0.0), 1.0))
+
+        return replace(self, report_progress=report)
+
 
 class Processor(Protocol):
     content_type: str
@@ -58,3 +70,12 @@ class Processor(Protocol):
     def process(self, path: Path, options: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
         """Return ``{"content": str, "metadata": {...}, ...}`` or raise ProcessingError."""
         ...
+
+
+class Transcriber(Protocol):
+    """What video and youtube need from the audio processor: a WAV file in, a transcript
+    (``content``, ``segments``, ``metadata``) out, progress reported 0..1 on ``ctx``."""
+
+    def process(
+        self, path: Path, options: dict[str, Any], ctx: ProcessContext
+    ) -> dict[str, Any]: ...

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from functools import cache
 
-from morag.processors.base import Processor
+from morag.processors.base import Processor, Transcriber
 
 log = logging.getLogger("morag.processors")
 
@@ -101,3 +101,8 @@ def get_processor(content_type: str) -> Processor:
         cls = getattr(importlib.import_module(module_name), class_name)
         _instances[content_type] = cls()
     return _instances[content_type]
+
+
+def transcriber() -> Transcriber:
+    """The audio processor, as video and youtube use it (through ``ProcessContext.nested``)."""
+    return get_processor("audio")

@@ -53,18 +53,22 @@ def extract_audio(path: Path, dest: Path, timeout: float) -> Path:
         raise ProcessingError(f"cannot extract the audio track: {exc}") from exc
 
 
+EXTRACTED = 0.1  # the job's progress once the audio track is extracted
+
+
 class VideoProcessor:
     content_type = "video"
     fetches_url = False
 
     def process(self, path: Path, options: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
-        from morag.processors.registry import get_processor
+        from morag.processors.registry import transcriber
 
         video_meta = describe(probe(path))
         if video_meta["audio_codec"] is None:
             raise ProcessingError("the video has no audio track: nothing to transcribe")
         wav = extract_audio(path, ctx.work_dir / "audio.wav", ctx.settings.tool_timeout)
-        result = get_processor("audio").process(wav, options, ctx)
+        ctx.report_progress(EXTRACTED)
+        result = transcriber().process(wav, options, ctx.nested(EXTRACTED, 1.0))
         meta = result.setdefault("metadata", {})
         speech_duration = meta.pop("duration", None)
         meta.update({k: v for k, v in video_meta.items() if v is not None})

@@ -66,6 +66,9 @@ def _download_failure(url: str, exc: Exception, refusals: ProxyLog) -> str:
     return f"yt-dlp could not download {url}: {exc}"
 
 
+DOWNLOADED = 0.3  # the job's progress once the media is downloaded and converted
+
+
 class YoutubeProcessor:
     content_type = "youtube"
     fetches_url = True
@@ -74,7 +77,7 @@ class YoutubeProcessor:
         from yt_dlp import YoutubeDL
         from yt_dlp.utils import DownloadError
 
-        from morag.processors.registry import get_processor
+        from morag.processors.registry import transcriber
 
         url = ctx.source_url
         if not url:
@@ -107,8 +110,9 @@ class YoutubeProcessor:
             timeout=ctx.settings.tool_timeout,
             what="extracting the audio (ffmpeg)",
         )
-        ctx.report_progress(0.3)
-        result = get_processor("audio").process(wav, options, ctx)
+        # Download and extraction: the first 30 %; the transcript: the rest.
+        ctx.report_progress(DOWNLOADED)
+        result = transcriber().process(wav, options, ctx.nested(DOWNLOADED, 1.0))
         meta = result.setdefault("metadata", {})
         for key in ("title", "uploader", "webpage_url", "extractor", "upload_date"):
             if info.get(key):
