@@ -137,3 +137,18 @@ def test_wrong_key_and_unreachable_api(stack: Stack) -> None:
     down = morag(stack, "workers", "--api-url", "http://127.0.0.1:9")
     assert down.returncode == 1
     assert "cannot reach the API" in down.stderr
+
+
+def test_a_webhook_without_a_server_secret_is_said_to_be_unsigned(
+    stack: Stack, docs: dict[str, Path]
+) -> None:
+    out = morag(
+        stack, "submit", str(docs["docx"]), "--webhook", "http://127.0.0.1:9/hook", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    (job,) = json_lines(out.stdout)
+    assert job["webhook"]["url"] == "http://127.0.0.1:9/hook"
+    assert job["webhook"]["signed"] is False
+    assert "MORAG_WEBHOOK_SECRET" in job["webhook"]["note"]
+    final = json.loads(morag(stack, "status", job["task_id"], "--wait", "--json").stdout)
+    assert final["webhook"]["signed"] is False

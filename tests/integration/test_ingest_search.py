@@ -187,6 +187,7 @@ def test_webhook_is_signed_and_retried(stack: Stack, docs: dict[str, Path]) -> N
                 data={"webhook_url": hook},
             )
         assert resp.status_code == 202, resp.text
+        assert resp.json()["webhook"] == {"url": hook, "signed": True, "note": None}
         task_id = resp.json()["task_id"]
         wait_until(lambda: len(_Receiver.calls) >= 2, 60, "the webhook retry")
     finally:

@@ -127,7 +127,9 @@ def public_view(record: Record) -> Record:
         "metadata",
         "waiting_for",
     )
-    return {k: record.get(k) for k in keys}
+    view = {k: record.get(k) for k in keys}
+    view["webhook"] = record.get("webhook")
+    return view
 
 
 @dataclass(frozen=True)

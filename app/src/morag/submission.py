@@ -110,6 +110,19 @@ def url_content_type(url: str, options: dict[str, Any]) -> str:
     return guess
 
 
+UNSIGNED_WEBHOOK = (
+    "MORAG_WEBHOOK_SECRET is not set on the server: this webhook is delivered without a "
+    "signature, so its receiver cannot tell it from a forgery or a replay"
+)
+
+
+def webhook_view(url: str, settings: Settings) -> dict[str, Any]:
+    """What the job says about its webhook: the URL, and whether deliveries are signed."""
+    secret = settings.webhook_secret
+    signed = secret is not None and bool(secret.get_secret_value())
+    return {"url": url, "signed": signed, "note": None if signed else UNSIGNED_WEBHOOK}
+
+
 def submit(
     services: Services,
     *,
@@ -146,6 +159,8 @@ def submit(
         task_id=task_id,
     )
     record["store"] = kind == "ingest" and services.settings.store_ingested
+    if webhook_url:
+        record["webhook"] = webhook_view(webhook_url, services.settings)
     # The record and its outbox entry first (one transaction), then the message: if this
     # process dies in between, a worker's reconciler sends the message after the grace.
     services.store.create(record)

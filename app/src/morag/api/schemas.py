@@ -241,6 +241,12 @@ class StillRunning(BaseModel):
     status: JobStatus
 
 
+class Webhook(BaseModel):
+    url: str
+    signed: bool = Field(description="deliveries carry Standard Webhooks signatures")
+    note: str | None = Field(default=None, description="why they are not signed")
+
+
 class Accepted(BaseModel):
     """``/api/v1/ingest/file`` and ``/url`` (202)."""
 
@@ -248,6 +254,7 @@ class Accepted(BaseModel):
     status: JobStatus
     content_type: str
     route: Route
+    webhook: Webhook | None = None
 
 
 class BatchAccepted(BaseModel):
@@ -278,6 +285,9 @@ class Job(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     waiting_for: str | None = Field(
         default=None, description="what a job that is not moving waits for (e.g. a store worker)"
+    )
+    webhook: Webhook | None = Field(
+        default=None, description="the job's webhook, and whether its deliveries are signed"
     )
 
 

@@ -38,6 +38,7 @@ def _accepted(record: dict[str, Any]) -> Accepted:
         status=record["status"],
         content_type=record["content_type"],
         route=record["route"],
+        webhook=record.get("webhook"),
     )
 
 
