@@ -2,10 +2,10 @@
 
     pytest tests/infra --hosts='ansible://all' --ansible-inventory=inventory/lab/hosts.yml
     pytest tests/infra --hosts='ansible://gpu_workers' \
-        --ansible-inventory=inventory/example/hosts.yml
+        --ansible-inventory=inventory/mysite/hosts.yml
 
-(with `--force-ansible --sudo` where the inventory needs become; vault-encrypted inventories
-need ANSIBLE_VAULT_PASSWORD_FILE). Without --hosts every test here is skipped, so a plain
+(with `--force-ansible --sudo` where the inventory needs become; the vault password comes
+from ansible.cfg's tools/vault-pass.sh). Without --hosts every test here is skipped, so a plain
 `pytest tests` does not try to reach any host.
 """
 

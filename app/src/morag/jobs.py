@@ -470,9 +470,11 @@ class JobStore:
         def change(record: Record, holder: str | None) -> Record | None:
             if record["status"] != RUNNING or not record.get("storing") or holder:
                 return None
+            due = float(record.get("store_resend_at") or 0) <= time.time()
+            if not due and resend and str(record.get("waiting_for")).startswith(STORE_RETRY):
+                return None  # a storing retry is scheduled: the job says so until it runs
             changed = record.get("waiting_for") != waiting_for
             record["waiting_for"] = waiting_for
-            due = float(record.get("store_resend_at") or 0) <= time.time()
             if due or not resend:
                 record["store_resend_at"] = next_at
                 changed = changed or due
@@ -588,6 +590,7 @@ class JobStore:
 
 
 STORE_WAIT = "a morag-store worker to chunk, embed and store the result"
+STORE_RETRY = "a retry of the storing"  # waiting_for while a storing retry is scheduled
 
 
 def _is_attempt_of(record: Record, owner: str) -> bool:

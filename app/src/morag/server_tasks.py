@@ -16,7 +16,7 @@ import httpx
 
 from morag import files, metrics, urls
 from morag.celery_app import STORE_TASK, celery_app
-from morag.jobs import CANCELLED
+from morag.jobs import CANCELLED, STORE_RETRY
 from morag.runtime import get_runtime
 from morag.webhooks import body_of, notify_end, signed_headers
 
@@ -103,9 +103,11 @@ def store_job(self: Any, task_id: str) -> None:
                 task_id,
                 owner,
                 at=time.time() + countdown + rt.settings.store_resend_after,
-                waiting_for=f"a retry of the storing in {countdown:.0f}s ({error})",
+                waiting_for=f"{STORE_RETRY} in {countdown:.0f}s ({error})",
             )
-            raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+            raise self.retry(
+                exc=exc, countdown=countdown, max_retries=rt.settings.store_retries
+            ) from exc
         log.exception("storing job %s failed for good", task_id)
         through_outage(
             rt, f"recording job {task_id}", lambda: rt.store.finish_store(task_id, error=error)

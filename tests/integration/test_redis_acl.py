@@ -1,0 +1,315 @@
+"""The Redis ACL users of roles/redis on a real redis-server: the API, the GPU/CPU workers and the
+store worker each log in as their own user and the whole flow works (ingest on both queues,
+storing, search, webhooks, cancel), without a single ACL denial; and none of them can wipe or
+reconfigure Redis, nor a worker touch what is not its business."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import redis
+
+from tests import redis_acl
+from tests.conftest import free_port
+from tests.integration import media
+from tests.integration.conftest import _dump_logs
+from tests.integration.stack import Stack, wait_until
+
+ADMIN_PASSWORD = "test-admin-password"
+
+
+class AclRedis:
+    def __init__(self, port: int, ca: Path | None = None) -> None:
+        self.port = port
+        self.ca = ca
+
+    def url(self, role: str | None = None) -> str:
+        """The URL as roles/morag_app writes it (rediss:// with the CA required under TLS)."""
+        scheme, query = "redis", ""
+        if self.ca is not None:
+            scheme, query = "rediss", f"?ssl_cert_reqs=required&ssl_ca_certs={self.ca}"
+        user, password = "", ADMIN_PASSWORD
+        if role is not None:
+            user, password = redis_acl.role_users()[role].name, redis_acl.password(role)
+        return f"{scheme}://{user}:{password}@127.0.0.1:{self.port}/0{query}"
+
+    def client(self, role: str | None = None) -> redis.Redis:
+        return redis.Redis.from_url(self.url(role), socket_timeout=10)
+
+    def denials(self) -> list[dict]:
+        return self.client().acl_log()
+
+
+def _ca_and_server_cert(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (what the redis role makes, with openssl)."""
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ca, ca_key, crt, key, csr = (d / n for n in ("ca.crt", "ca.key", "r.crt", "r.key", "r.csr"))
+    ssl(
+        *["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"],
+        *["-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=test CA"],
+    )
+    ssl(
+        *["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"],
+        *["-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1"],
+    )
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ssl(
+        *["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key)],
+        *["-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext)],
+    )
+    return ca, crt, key
+
+
+@contextlib.contextmanager
+def _acl_redis_server(workdir: Path, tls: bool) -> Iterator[AclRedis]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: run `make test` (it installs it)")
+    port = free_port()
+    args = [exe, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    ca = None
+    if tls:
+        # As the role does off loopback: TLS only, the plain port closed.
+        ca, crt, key = _ca_and_server_cert(workdir)
+        args += ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+        args += [
+            "--tls-cert-file",
+            str(crt),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+        ]
+    else:
+        args += ["--port", str(port)]
+    args += ["--requirepass", ADMIN_PASSWORD, *redis_acl.server_args()]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    server = AclRedis(port, ca)
+    try:
+        wait_until(lambda: _pings(server), 10, "redis-server with the role's ACL users")
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    with _acl_redis_server(tmp_path_factory.mktemp("aclredis"), tls=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls_acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    with _acl_redis_server(tmp_path_factory.mktemp("tlsredis"), tls=True) as server:
+        yield server
+
+
+def _pings(server: AclRedis) -> bool:
+    try:
+        return bool(server.client().ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.mark.parametrize("role", redis_acl.ROLES)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("FLUSHALL",),
+        ("FLUSHDB",),
+        ("CONFIG", "GET", "*"),
+        ("CONFIG", "SET", "appendonly", "no"),
+        ("KEYS", "*"),
+        ("DEBUG", "SLEEP", "0"),
+        ("MODULE", "LIST"),
+        ("SHUTDOWN", "NOSAVE"),
+        ("ACL", "LIST"),
+        ("SCRIPT", "FLUSH"),
+        ("BGREWRITEAOF",),
+        ("SWAPDB", "0", "1"),
+    ],
+)
+def test_app_users_cannot_wipe_or_reconfigure(acl_redis: AclRedis, role: str, command) -> None:
+    # ACL DRYRUN answers what the ACL decides, also for commands that redis.conf disables
+    # besides (DEBUG, MODULE); the ones that would not harm this test's server also run.
+    name = redis_acl.role_users()[role].name
+    verdict = acl_redis.client().execute_command("ACL", "DRYRUN", name, *command)
+    assert verdict != b"OK" and b"no permissions" in verdict, verdict
+    if command[0] in ("FLUSHALL", "FLUSHDB", "CONFIG", "KEYS", "ACL", "SCRIPT"):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            acl_redis.client(role).execute_command(*command)
+
+
+def test_lua_runs_with_the_callers_permissions(acl_redis: AclRedis) -> None:
+    worker = acl_redis.client("worker")
+    with pytest.raises(
+        redis.exceptions.ResponseError,
+        match=r"(?i)can.t run this command|can.t access|no permissions",
+    ):
+        worker.eval("return redis.call('FLUSHALL')", 0)
+    with pytest.raises(
+        redis.exceptions.ResponseError,
+        match=r"(?i)can.t run this command|can.t access|no permissions",
+    ):
+        worker.eval("return redis.call('SET', KEYS[1], 'x')", 1, "morag:batch:forged")
+
+
+@pytest.mark.parametrize(
+    ("role", "key", "allowed"),
+    [
+        ("worker", "morag:job:abc", True),
+        ("worker", "morag:worker:gpu0@host", True),
+        ("worker", "morag:batch:abc", False),
+        ("worker", "morag:webhook:abc", False),
+        ("worker", "morag:reply:abc", False),
+        ("worker", "qdrant", False),
+        ("store", "morag:webhook:abc", True),
+        ("store", "morag:reply:abc", True),
+        ("store", "morag:batch:abc", False),
+        ("api", "morag:batch:abc", True),
+        ("api", "other:key", False),
+    ],
+)
+def test_key_patterns(acl_redis: AclRedis, role: str, key: str, allowed: bool) -> None:
+    client = acl_redis.client(role)
+    if allowed:
+        assert client.set(key, "1")
+        assert client.delete(key) == 1
+    else:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set(key, "1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.delete(key)
+
+
+def test_default_password_is_not_an_app_user(acl_redis: AclRedis) -> None:
+    """A worker's password opens only its own user."""
+    wrong = redis.Redis(
+        host="127.0.0.1",
+        port=acl_redis.port,
+        username=redis_acl.role_users()["api"].name,
+        password=redis_acl.password("worker"),
+    )
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        wrong.ping()
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    calls: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        type(self).calls.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_whole_flow_runs_as_the_role_users(
+    acl_redis: AclRedis, tmp_path: Path, speech_wav: Path
+) -> None:
+    """API, gpu0 and cpu0 (worker user), store (store user): no ACL denial anywhere."""
+    acl_redis.client().acl_log_reset()
+    docx = media.docx_file(tmp_path / "harbour.docx")
+    stack = Stack(
+        acl_redis.url(),  # the test's own reads (heartbeats) and cleanup: the admin user
+        tmp_path / "stack",
+        free_port(),
+        qdrant_path=tmp_path / "qdrant",
+        store_ingested="true",
+        webhook_secret="acl-webhook-secret",
+        webhook_backoff=0.2,
+        fault_injection="true",
+    )
+    stack.env["MORAG_REDIS_URL"] = acl_redis.url("api")
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
+    try:
+        stack.start_api()
+        stack.start_worker("gpu0@acl", "gpu-tasks", wait=False, redis_url=acl_redis.url("worker"))
+        stack.start_worker("cpu0@acl", "celery", wait=False, redis_url=acl_redis.url("worker"))
+        stack.start_worker("store@acl", "morag-store", wait=False, redis_url=acl_redis.url("store"))
+        for name in ("gpu0@acl", "cpu0@acl", "store@acl"):
+            stack.wait_live(name)
+        audio = stack.ingest(speech_wav, gpu=True)
+        with stack.client() as c, open(docx, "rb") as f:
+            resp = c.post(
+                "/api/v1/ingest/file",
+                files={"file": (docx.name, f)},
+                data={"gpu": "false", "webhook_url": hook},
+            )
+        assert resp.status_code == 202, resp.text
+        doc = resp.json()
+        slow = stack.ingest(speech_wav, gpu=False, options={"fault": "slow:30"})
+        for accepted in (audio, doc):
+            job = stack.wait_job(accepted["task_id"], timeout=180)
+            assert job["status"] == "succeeded", job
+            assert job["result"]["metadata"]["stored"] is True, job
+        stack.wait_job(slow["task_id"], timeout=60, states=("running",))
+        with stack.client() as c:
+            hits = c.post("/api/v1/search", json={"query": "harbour", "limit": 3}, timeout=90)
+            assert hits.status_code == 200, hits.text
+            assert c.delete(f"/api/v1/ingest/{slow['task_id']}").status_code == 200
+            assert c.get("/ready").status_code == 200
+            assert c.get("/api/v1/status/stats/queues").status_code == 200
+        assert stack.wait_job(slow["task_id"], timeout=60)["status"] == "cancelled"
+        wait_until(lambda: _Receiver.calls, 30, "the webhook")
+        stack.scrape()
+        # A worker lost mid-job: kombu restores its unacked message (unacked_mutex, Lua).
+        stack.kill("cpu0@acl")
+        stack.start_worker("cpu0@acl", "celery", redis_url=acl_redis.url("worker"))
+        time.sleep(1)
+        denials = [
+            {k: d.get(k) for k in ("username", "reason", "object", "context")}
+            for d in acl_redis.denials()
+        ]
+        assert denials == [], denials
+    finally:
+        hooks.shutdown()
+        _dump_logs(stack)
+        stack.close()
+
+
+def test_tls_needs_the_ca(tls_acl_redis: AclRedis) -> None:
+    plain = redis.Redis(host="127.0.0.1", port=tls_acl_redis.port, socket_timeout=5)
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()
+    untrusted = redis.Redis.from_url(
+        tls_acl_redis.url("worker").split("?")[0] + "?ssl_cert_reqs=required", socket_timeout=5
+    )
+    with pytest.raises(redis.ConnectionError, match=r"(?i)certificate"):
+        untrusted.ping()
+    assert tls_acl_redis.client("worker").ping()
+
+
+def test_api_and_celery_worker_over_tls(
+    tls_acl_redis: AclRedis, tmp_path: Path, speech_wav: Path
+) -> None:
+    """rediss:// with the CA, as morag_app writes it: kombu and redis-py both verify."""
+    stack = Stack(tls_acl_redis.url(), tmp_path / "stack", free_port())
+    stack.env["MORAG_REDIS_URL"] = tls_acl_redis.url("api")
+    try:
+        stack.start_api()
+        stack.start_worker("cpu0@tls", "celery", redis_url=tls_acl_redis.url("worker"))
+        job = stack.wait_job(stack.ingest(speech_wav, gpu=False)["task_id"], timeout=120)
+        assert job["status"] == "succeeded", job
+        assert tls_acl_redis.denials() == []
+    finally:
+        _dump_logs(stack)
+        stack.close()

@@ -1,0 +1,64 @@
+"""The Redis ACL users exactly as roles/redis configures them, for tests on a local redis-server.
+
+The lists of commands, keys and channels are read from the role's defaults, so a test that runs
+the app as these users fails as soon as the app needs a command or key the role does not grant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = Path(__file__).resolve().parent.parent / "roles" / "redis" / "defaults" / "main.yml"
+ROLES = ("api", "worker", "store")
+
+
+@dataclass(frozen=True)
+class AclUser:
+    role: str
+    name: str
+    commands: tuple[str, ...]
+    keys: tuple[str, ...]
+    channels: tuple[str, ...]
+
+    def rules(self, password: str) -> list[str]:
+        """The words after `user` in redis.conf (roles/redis/templates/redis.conf.j2)."""
+        return [
+            self.name,
+            "on",
+            f">{password}",
+            "resetkeys",
+            "resetchannels",
+            "-@all",
+            *(f"+{c.lower()}" for c in self.commands),
+            *(f"~{k}" for k in self.keys),
+            *(f"&{c}" for c in self.channels),
+        ]
+
+
+def role_users() -> dict[str, AclUser]:
+    d = yaml.safe_load(DEFAULTS.read_text())
+    return {
+        role: AclUser(
+            role=role,
+            name=d[f"redis_acl_{role}_user"],
+            commands=tuple(d["redis_acl_common_commands"] + d[f"redis_acl_{role}_commands"]),
+            keys=tuple(d["redis_acl_celery_keys"] + d[f"redis_acl_{role}_keys"]),
+            channels=tuple(d["redis_acl_channels"]),
+        )
+        for role in ROLES
+    }
+
+
+def password(role: str) -> str:
+    return f"test-{role}-password"
+
+
+def server_args() -> list[str]:
+    """redis-server arguments that create the three users (one `--user` per user)."""
+    args: list[str] = []
+    for role, user in role_users().items():
+        args += ["--user", *user.rules(password(role))]
+    return args
