@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = [
     "redis",
+    "firewall",
     "nfs_server",
     "nfs_client",
     "nvidia_driver",
@@ -24,6 +25,7 @@ SCENARIOS = [
     "morag_api",
     "morag_worker",
     "site",
+    "firstday",
 ]
 
 
