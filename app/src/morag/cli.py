@@ -373,19 +373,25 @@ def workers(
         print(json.dumps(beats))
         return
     table = Table("name", "queues", "device", "gpus", "busy", "processors", "updated")
+    table.columns[0].no_wrap = True
+    reasons: list[str] = []
     for b in beats:
         gpus = ", ".join(f"{g['index']}:{g['name']}" for g in b.get("gpus", []))
         device = b.get("device", "?")
+        if device != "cuda" and b.get("device_reason"):
+            reasons.append(f"{b['name']}: {device} because {b['device_reason']}")
         table.add_row(
             b["name"],
             ",".join(b.get("consuming", b.get("queues", []))),
-            device + ("" if device == "cuda" else f" ({b.get('device_reason', '')})"),
+            device,
             gpus or "-",
             "yes" if b.get("busy") else "no",
             ",".join(b.get("processors", [])),
-            str(b.get("updated_at", "")),
+            str(b.get("updated_at", ""))[11:19],  # HH:MM:SS (UTC); --json has the full stamp
         )
     console.print(table)
+    for line in reasons:  # why a worker is not on a GPU, whole (too long for a column)
+        console.print(line, markup=False, style="dim")
     if not beats:
         err.print("no live workers")
 
