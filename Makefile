@@ -57,8 +57,10 @@ syntax-check: venv
 unit: venv
 	MORAG_REQUIRE_PROMETHEUS=1 $(PY) -m pytest tests/unit -q
 
-integration: venv
-	MORAG_REQUIRE_PROMETHEUS=1 $(PY) -m pytest tests/integration -q
+# The wheelhouse first: tests/integration/test_wheelhouse.py checks it offline (molecule
+# reuses it).
+integration: venv wheelhouse
+	MORAG_REQUIRE_PROMETHEUS=1 MORAG_REQUIRE_WHEELHOUSE=1 $(PY) -m pytest tests/integration -q
 
 test: venv
 	$(PY) tests/stages.py lint unit integration molecule

@@ -15,10 +15,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "molecule" / "images" / "wheelhouse.sh"
 WHEELHOUSE = Path(os.environ.get("MORAG_WHEELHOUSE", ROOT / ".cache" / "wheelhouse"))
 
-pytestmark = pytest.mark.skipif(
-    not any(WHEELHOUSE.glob("morag-*.whl")) or shutil.which("python3") is None,
-    reason=f"no wheelhouse in {WHEELHOUSE} (molecule/images/wheelhouse.sh builds it)",
-)
+
+@pytest.fixture(autouse=True)
+def _wheelhouse_present() -> None:
+    """`make integration` builds the wheelhouse first and sets MORAG_REQUIRE_WHEELHOUSE:
+    there a missing one fails; a bare pytest run without it skips."""
+    if any(WHEELHOUSE.glob("morag-*.whl")) and shutil.which("python3") is not None:
+        return
+    why = f"no wheelhouse in {WHEELHOUSE} (molecule/images/wheelhouse.sh builds it)"
+    if os.environ.get("MORAG_REQUIRE_WHEELHOUSE") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 def check(inventory: str) -> subprocess.CompletedProcess[str]:
