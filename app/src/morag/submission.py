@@ -22,6 +22,7 @@ from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.routing import decide_route
 from morag.runtime import job_store
+from morag.webhooks import webhook_view
 
 log = logging.getLogger("morag.submission")
 
@@ -108,19 +109,6 @@ def url_content_type(url: str, options: dict[str, Any]) -> str:
             415, f"no processor for {guess} URLs yet; supported: {', '.join(known_types())}"
         )
     return guess
-
-
-UNSIGNED_WEBHOOK = (
-    "MORAG_WEBHOOK_SECRET is not set on the server: this webhook is delivered without a "
-    "signature, so its receiver cannot tell it from a forgery or a replay"
-)
-
-
-def webhook_view(url: str, settings: Settings) -> dict[str, Any]:
-    """What the job says about its webhook: the URL, and whether deliveries are signed."""
-    secret = settings.webhook_secret
-    signed = secret is not None and bool(secret.get_secret_value())
-    return {"url": url, "signed": signed, "note": None if signed else UNSIGNED_WEBHOOK}
 
 
 def submit(

@@ -45,6 +45,18 @@ UNSIGNED_NOTE = (
 )
 
 
+def secret_of(settings: Any) -> str | None:
+    """MORAG_WEBHOOK_SECRET, or None when it is unset or empty (deliveries go unsigned)."""
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    return secret or None
+
+
+def webhook_view(url: str, settings: Any) -> dict[str, Any]:
+    """What a job says about its webhook: the URL, and whether deliveries are signed."""
+    signed = secret_of(settings) is not None
+    return {"url": url, "signed": signed, "note": None if signed else UNSIGNED_NOTE}
+
+
 def sent_key(task_id: str) -> str:
     return f"morag:webhook:{task_id}"
 
@@ -138,7 +150,7 @@ def headers_for(
 
 def signed_headers(record: Record, body: bytes, settings: Any) -> dict[str, Any]:
     """The headers of one delivery attempt (a fresh timestamp each time)."""
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
-    if not secret:
+    secret = secret_of(settings)
+    if secret is None:
         log.warning("webhook of job %s: %s", record["task_id"], UNSIGNED_NOTE)
-    return headers_for(body, secret or None, msg_id=message_id(record["task_id"]))
+    return headers_for(body, secret, msg_id=message_id(record["task_id"]))

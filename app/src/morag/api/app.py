@@ -27,7 +27,7 @@ from morag.api.routers import (
 )
 from morag.config import Settings, get_settings
 from morag.submission import build_services
-from morag.webhooks import UNSIGNED_NOTE
+from morag.webhooks import UNSIGNED_NOTE, secret_of
 
 log = logging.getLogger("morag.api")
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = build_services(settings)
-        if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        if secret_of(settings) is None:
             log.warning(UNSIGNED_NOTE)
         yield
         app.state.services.redis.close()

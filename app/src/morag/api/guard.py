@@ -132,13 +132,7 @@ class RequestGuard:
         limit = body_limit(_header(scope, b"content-type"), self.max_upload_bytes)
         declared = _header(scope, b"content-length")
         if declared and declared.strip().isdigit() and int(declared) > limit:
-            await self._refuse(
-                send,
-                413,
-                f"request body exceeds the limit of {limit} bytes",
-                "too_large",
-                scope["path"],
-            )
+            await self._too_large(send, limit, scope["path"])
             return
         await self._guarded(scope, receive, send, limit)
 
@@ -175,13 +169,12 @@ class RequestGuard:
         if over:
             log.info("request to %s refused: body over %d bytes", scope.get("path"), limit)
             if not started:
-                await self._refuse(
-                    send,
-                    413,
-                    f"request body exceeds the limit of {limit} bytes",
-                    "too_large",
-                    scope["path"],
-                )
+                await self._too_large(send, limit, scope["path"])
+
+    @classmethod
+    async def _too_large(cls, send: Send, limit: int, path: str) -> None:
+        detail = f"request body exceeds the limit of {limit} bytes"
+        await cls._refuse(send, 413, detail, "too_large", path)
 
     @staticmethod
     async def _refuse(send: Send, status: int, detail: str, code: str, path: str = "") -> None:
