@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import redis
+from morag.job_record import Route, Source
 from morag.jobs import RUNNING, JobStore, new_record
 
 from tests.conftest import RedisServer
 
-ROUTE = {"queue": "gpu-tasks", "gpu_requested": True, "reason": "test"}
+ROUTE = Route(queue="gpu-tasks", gpu_requested=True, code="gpu_worker", reason="test")
 ATTEMPT = {"queue": "gpu-tasks", "worker": "gpu0@h", "device": "cpu"}
 
 
@@ -18,18 +19,22 @@ def _store(redis_server: RedisServer) -> JobStore:
 
 def _running(store: JobStore, kind: str = "ingest") -> str:
     record = new_record(
-        kind=kind, content_type="audio", source={"type": "url", "url": "x"}, options={}, route=ROUTE
+        kind=kind,
+        content_type="audio",
+        source=Source.link("https://example.org/x"),
+        options={},
+        route=ROUTE,
     )
     store.create(record)
     claim = store.claim(
-        record["task_id"],
+        record.task_id,
         owner="gpu0@h/1",
         attempt=ATTEMPT,
         max_deliveries=3,
         owner_is_dead=lambda _: False,
     )
     assert claim.run
-    return record["task_id"]
+    return record.task_id
 
 
 def test_watchdog_never_requeues_a_job_handed_to_the_store(redis_server: RedisServer) -> None:
@@ -40,9 +45,9 @@ def test_watchdog_never_requeues_a_job_handed_to_the_store(redis_server: RedisSe
     assert store.lease_owner(task_id) is None
     assert store.requeue(task_id, route=ROUTE, error="lost", owner=None) is None
     record = store.get(task_id)
-    assert record["status"] == RUNNING and record["storing"] is True
+    assert record.status == RUNNING and record.storing is True
     assert store.finish_store(task_id, stored_chunks=3)
-    assert store.get(task_id)["status"] == "succeeded"
+    assert store.get(task_id).status == "succeeded"
 
 
 def test_only_the_lease_holder_completes_a_job(redis_server: RedisServer) -> None:
@@ -51,7 +56,8 @@ def test_only_the_lease_holder_completes_a_job(redis_server: RedisServer) -> Non
     assert not store.finish(task_id, "gpu0@h/2", result={"content": "late"})
     assert store.finish(task_id, "gpu0@h/1", result={"content": "ok"})
     assert not store.finish(task_id, "gpu0@h/1", result={"content": "twice"})
-    assert store.get(task_id)["result"] == {"content": "ok"}
+    stored = store.get(task_id)
+    assert stored is not None and stored.result is not None and stored.result.content == "ok"
 
 
 def test_orphan_requeue_needs_an_expired_lease(redis_server: RedisServer) -> None:
@@ -60,8 +66,8 @@ def test_orphan_requeue_needs_an_expired_lease(redis_server: RedisServer) -> Non
     assert store.requeue(task_id, route=ROUTE, error="lost", owner=None) is None
     store.r.delete(f"morag:lease:{task_id}")  # the lease expired: its worker is gone
     requeued = store.requeue(task_id, route=ROUTE, error="lost", owner=None)
-    assert requeued is not None and requeued["status"] == "queued"
-    assert requeued["attempts"][-1]["error"] == "lost"
+    assert requeued is not None and requeued.status == "queued"
+    assert requeued.attempts[-1].error == "lost"
 
 
 def test_a_new_record_waits_in_the_outbox_until_its_message_is_sent(
@@ -72,14 +78,14 @@ def test_a_new_record_waits_in_the_outbox_until_its_message_is_sent(
     record = new_record(
         kind="process",
         content_type="audio",
-        source={"type": "url", "url": "x"},
+        source=Source.link("https://example.org/x"),
         options={},
         route=ROUTE,
     )
     store.create(record)
     # The sender died here: the reconciler finds the record.
-    assert store.outbox_due() == [record["task_id"]]
-    store.sent(record["task_id"])
+    assert store.outbox_due() == [record.task_id]
+    store.sent(record.task_id)
     assert store.outbox_due() == []
 
 
@@ -88,14 +94,14 @@ def test_the_api_ends_a_job_whose_message_the_broker_refused(redis_server: Redis
     record = new_record(
         kind="process",
         content_type="audio",
-        source={"type": "url", "url": "x"},
+        source=Source.link("https://example.org/x"),
         options={},
         route=ROUTE,
     )
     store.create(record)
-    failed = store.fail_unsent(record["task_id"], "not accepted: broker down")
-    assert failed["status"] == "failed" and failed["error"] == "not accepted: broker down"
-    assert store.outbox_size() == 0 and record["task_id"] not in store.active_ids()
+    failed = store.fail_unsent(record.task_id, "not accepted: broker down")
+    assert failed.status == "failed" and failed.error == "not accepted: broker down"
+    assert store.outbox_size() == 0 and record.task_id not in store.active_ids()
 
 
 def test_a_result_survives_a_lease_lapsed_in_a_redis_outage(redis_server: RedisServer) -> None:
@@ -108,7 +114,7 @@ def test_a_result_survives_a_lease_lapsed_in_a_redis_outage(redis_server: RedisS
     store.r.delete(f"morag:lease:{task_id}")
     # ...or simply records its result: nobody else took the job, so it counts.
     assert store.finish(task_id, "gpu0@h/1", result={"content": "ok"})
-    assert store.get(task_id)["status"] == "succeeded"
+    assert store.get(task_id).status == "succeeded"
 
 
 def test_a_late_result_loses_once_the_job_was_requeued(redis_server: RedisServer) -> None:
@@ -119,16 +125,16 @@ def test_a_late_result_loses_once_the_job_was_requeued(redis_server: RedisServer
     assert not store.finish(task_id, "gpu0@h/1", result={"content": "late"})
     store.refresh_leases({task_id: "gpu0@h/1"})
     assert store.lease_owner(task_id) is None
-    assert store.get(task_id)["status"] == "queued"
+    assert store.get(task_id).status == "queued"
 
 
 def test_a_job_killed_by_the_hard_time_limit_fails_once(redis_server: RedisServer) -> None:
     store = _store(redis_server)
     task_id = _running(store, kind="process")
-    assert store.fail_timed_out(task_id, "gpu1@h", 60)["status"] == RUNNING  # not its job
+    assert store.fail_timed_out(task_id, "gpu1@h", 60).status == RUNNING  # not its job
     record = store.fail_timed_out(task_id, "gpu0@h", 60)
-    assert record["status"] == "failed" and record["error"].startswith("ran out of time")
-    assert len(record["attempts"]) == 1 and record["attempts"][0]["error"] == record["error"]
+    assert record.status == "failed" and record.error.startswith("ran out of time")
+    assert len(record.attempts) == 1 and record.attempts[0].error == record.error
 
 
 def test_requeue_and_store_hand_over_write_their_outbox_entry_with_the_record(
@@ -145,4 +151,4 @@ def test_requeue_and_store_hand_over_write_their_outbox_entry_with_the_record(
     store.sent(handed)
     assert store.hand_to_store(handed, "gpu0@h/1", result={"content": "x", "metadata": {}})
     assert sorted(store.outbox_due()) == sorted([fallback, handed])
-    assert store.get(handed)["waiting_for"].startswith("a morag-store worker")
+    assert str(store.get(handed).waiting_for).startswith("a morag-store worker")

@@ -3,37 +3,42 @@ carry a code, OpenAI answers are shaped from results."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi import HTTPException
 from morag import jobs
 from morag.api import errors
 from morag.api.params import Paging, check_options, one_gpu_flag
 from morag.api.routers import openai_audio
-from morag.api.schemas import TERMINAL_STATUSES, Job, JobOptions, JobStatus
+from morag.api.schemas import Job, JobOptions, JobStatus
+from morag.job_record import JobRecord, Result, Route, Source
 from morag.processors.audio import transcribe_kwargs
 from morag.processors.base import ProcessingError
 from morag.routing import ROUTE_CODES
+from pydantic import ValidationError
 
 
-def _record() -> dict:
+def _record() -> JobRecord:
     return jobs.new_record(
         kind="process",
         content_type="audio",
-        source={"type": "file", "file_id": "f", "sha256": "0" * 64, "size": 3},
+        source=Source.upload(file_id="f", sha256="0" * 64, size=3, filename="a.wav"),
         options={},
-        route={"queue": "celery", "gpu_requested": False, "code": "not_requested", "reason": "x"},
+        route=Route(queue="celery", gpu_requested=False, code="not_requested", reason="x"),
     )
 
 
 def test_status_enum_is_the_job_store_states() -> None:
     states = {jobs.QUEUED, jobs.RUNNING, jobs.SUCCEEDED, jobs.FAILED, jobs.CANCELLED}
-    assert {s.value for s in JobStatus} == states
-    assert {s.value for s in TERMINAL_STATUSES} == set(jobs.TERMINAL)
+    assert set(JobStatus) == states
+    assert {s for s in JobStatus if s.final} == set(jobs.TERMINAL)
+    assert f"{JobStatus.queued}" == str(JobStatus.queued) == "queued"  # labels, logs, messages
 
 
 def test_a_stored_record_is_a_valid_job_and_extra_members_pass_through() -> None:
-    record = _record()
-    record["attempts"].append(
+    stored = _record().model_dump(mode="json")
+    stored["attempts"].append(
         {
             "queue": "celery",
             "worker": "w",
@@ -44,8 +49,8 @@ def test_a_stored_record_is_a_valid_job_and_extra_members_pass_through() -> None
             "gpu_uuid": "GPU-1",
         }
     )
-    record["status"] = "succeeded"
-    record["result"] = {
+    stored["status"] = "succeeded"
+    stored["result"] = {
         "content": "hi",
         "metadata": {"device": "cpu"},
         "segments": [
@@ -58,19 +63,25 @@ def test_a_stored_record_is_a_valid_job_and_extra_members_pass_through() -> None
         ],
         "pages": 3,
     }
-    job = Job.model_validate(jobs.public_view(record))
-    assert job.status is JobStatus.succeeded
+    stored["written_by_a_newer_api"] = {"x": 1}
+    record = JobRecord.from_json(json.dumps(stored))
+    assert record.status is JobStatus.succeeded and record.result is not None
+    assert record.result.segments and record.result.segments[0].words
+    job = record.public()
+    assert type(job) is Job and "kind" not in job.model_dump() and "owner" not in job.model_dump()
     dumped = job.model_dump(mode="json")
     assert dumped["attempts"][0]["gpu_uuid"] == "GPU-1"  # a new stored field is not lost
     assert dumped["result"]["pages"] == 3
     assert dumped["result"]["segments"][0]["words"][0]["word"] == "hi"
+    # An older worker rewrites the record without dropping what it does not know.
+    assert json.loads(record.to_json())["written_by_a_newer_api"] == {"x": 1}
 
 
 def test_an_unknown_state_is_refused() -> None:
-    record = _record()
-    record["status"] = "sleeping"
-    with pytest.raises(ValueError, match="status"):
-        Job.model_validate(jobs.public_view(record))
+    stored = _record().model_dump(mode="json")
+    stored["status"] = "sleeping"
+    with pytest.raises(ValidationError, match="status"):
+        JobRecord.model_validate(stored)
 
 
 def test_options_known_members_are_checked_unknown_pass() -> None:
@@ -139,34 +150,36 @@ def test_bearer_key() -> None:
         assert exc.value.code == code and exc.value.status == 401
 
 
-RESULT = {
-    "content": "Please send the report.",
-    "metadata": {"language": "en", "duration": 2.4},
-    "segments": [
-        {
-            "start": 0.0,
-            "end": 1.0,
-            "text": "Please send",
-            "id": 0,
-            "seek": 0,
-            "tokens": [1, 2],
-            "temperature": 0.0,
-            "avg_logprob": -0.2,
-            "compression_ratio": 1.1,
-            "no_speech_prob": 0.01,
-            "words": [
-                {"start": 0.0, "end": 0.4, "word": " Please", "probability": 0.9},
-                {"start": 0.5, "end": 1.0, "word": " send", "probability": 0.8},
-            ],
-        },
-        {
-            "start": 1.0,
-            "end": 2.0,
-            "text": "the report.",
-            "words": [{"start": 1.0, "end": 2.0, "word": " report.", "probability": 0.7}],
-        },
-    ],
-}
+RESULT = Result.model_validate(
+    {
+        "content": "Please send the report.",
+        "metadata": {"language": "en", "duration": 2.4},
+        "segments": [
+            {
+                "start": 0.0,
+                "end": 1.0,
+                "text": "Please send",
+                "id": 0,
+                "seek": 0,
+                "tokens": [1, 2],
+                "temperature": 0.0,
+                "avg_logprob": -0.2,
+                "compression_ratio": 1.1,
+                "no_speech_prob": 0.01,
+                "words": [
+                    {"start": 0.0, "end": 0.4, "word": " Please", "probability": 0.9},
+                    {"start": 0.5, "end": 1.0, "word": " send", "probability": 0.8},
+                ],
+            },
+            {
+                "start": 1.0,
+                "end": 2.0,
+                "text": "the report.",
+                "words": [{"start": 1.0, "end": 2.0, "word": " report.", "probability": 0.7}],
+            },
+        ],
+    }
+)
 
 
 def test_verbose_json_from_a_result() -> None:
@@ -189,7 +202,7 @@ def test_text_formats_from_a_result() -> None:
     assert vtt.media_type == "text/vtt" and vtt.body.decode().startswith("WEBVTT")
     srt = openai_audio.render(RESULT, "srt", "transcribe", [], {})
     assert srt.body.decode().startswith("1\n00:00:00,000 --> 00:00:01,000\nPlease send\n")
-    assert openai_audio.render(RESULT, "json", "transcribe", [], {}).text == RESULT["content"]
+    assert openai_audio.render(RESULT, "json", "transcribe", [], {}).text == RESULT.content
 
 
 def test_transcribe_arguments() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from morag import jobs, metrics, metrics_export
 from morag.config import Settings
+from morag.job_record import Route, Source
 from morag.routing import FleetSnapshot
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -77,18 +78,21 @@ def test_route_decisions_and_what_counts_as_a_fallback() -> None:
     r = FakeRedis()
     pipe = r.pipeline()
     routes = [
-        {"queue": "celery", "gpu_requested": False, "code": "not_requested"},
-        {"queue": "gpu-tasks", "gpu_requested": True, "code": "gpu_worker"},
-        {"queue": "celery", "gpu_requested": True, "code": "no_gpu_worker"},
-        {"queue": "celery", "gpu_requested": True, "code": "gpu_failure"},
-        {"queue": "gpu-tasks", "gpu_requested": True, "code": "rescued"},
+        Route(queue=queue, gpu_requested=gpu, code=code, reason="test")
+        for queue, gpu, code in (
+            ("celery", False, "not_requested"),
+            ("gpu-tasks", True, "gpu_worker"),
+            ("celery", True, "no_gpu_worker"),
+            ("celery", True, "gpu_failure"),
+            ("gpu-tasks", True, "rescued"),
+        )
     ]
     for route in routes:
         metrics.route_decided(pipe, route, "audio")
     pipe.execute()
     m = scrape(r)
     for route in routes:
-        assert m.value("morag_route_decisions_total", code=route["code"]) == 1
+        assert m.value("morag_route_decisions_total", code=route.code) == 1
     fallbacks = m.series("morag_gpu_fallbacks_total", content_type="audio")
     counted = {s.labels["code"] for s in fallbacks if s.value}
     assert counted == {"no_gpu_worker", "gpu_failure", "rescued"}
@@ -121,8 +125,16 @@ def test_unknown_metric_names_are_refused() -> None:
 
 
 def _record(task_id: str, status: str, **extra: Any) -> str:
-    base = {"task_id": task_id, "status": status, "content_type": "audio", "attempts": []}
-    return json.dumps({**base, **extra})
+    route = Route(queue="celery", gpu_requested=False, code="not_requested", reason="test")
+    record = jobs.new_record(
+        kind="process",
+        content_type="audio",
+        source=Source.link("https://example.org/a.mp3"),
+        options={},
+        route=route,
+        task_id=task_id,
+    )
+    return json.dumps({**record.model_dump(mode="json"), "status": status, **extra})
 
 
 def test_job_gauges_from_the_active_records() -> None:
@@ -132,7 +144,9 @@ def test_job_gauges_from_the_active_records() -> None:
     r.sets[jobs.ACTIVE_SET] = {"a", "b", "c", "gone"}
     r.strings["morag:job:a"] = _record("a", "queued", queued_at=iso)
     r.strings["morag:job:b"] = _record(
-        "b", "running", attempts=[{"started_at": iso, "finished_at": None}]
+        "b",
+        "running",
+        attempts=[{"queue": "celery", "worker": "cpu0@h", "device": "cpu", "started_at": iso}],
     )
     r.strings["morag:job:c"] = _record("c", "queued", queued_at=None, created_at=later)
     m = scrape(

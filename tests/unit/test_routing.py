@@ -66,8 +66,8 @@ def test_gpu_backlog_bound(backlog: int, queue: str) -> None:
         assert r.code == "gpu_worker"
 
 
-def test_route_as_dict_is_the_http_contract() -> None:
-    assert route(False, FleetSnapshot()).as_dict() == {
+def test_route_dump_is_the_http_contract() -> None:
+    assert route(False, FleetSnapshot()).model_dump() == {
         "queue": "celery",
         "gpu_requested": False,
         "code": "not_requested",
@@ -81,10 +81,10 @@ def test_rerouting_codes_and_what_counts_as_a_gpu_fallback() -> None:
     assert "GPU failure on gpu0@a: CUDA OOM" in failed.reason
     rescued = rescued_route(gpu_requested=True, worker="cpu0@s")
     assert (rescued.queue, rescued.code) == ("gpu-tasks", "rescued")
-    assert is_gpu_fallback(failed.as_dict()) and is_gpu_fallback(rescued.as_dict())
-    assert not is_gpu_fallback(route(True, FleetSnapshot((GPU,))).as_dict())
-    assert not is_gpu_fallback(route(False, FleetSnapshot()).as_dict())
-    assert is_gpu_fallback(route(True, FleetSnapshot((CPU,))).as_dict())
+    assert is_gpu_fallback(failed) and is_gpu_fallback(rescued)
+    assert not is_gpu_fallback(route(True, FleetSnapshot((GPU,))))
+    assert not is_gpu_fallback(route(False, FleetSnapshot()))
+    assert is_gpu_fallback(route(True, FleetSnapshot((CPU,))))
     codes = {failed.code, rescued.code, "worker_lost"}
     assert codes <= set(ROUTE_CODES) and len(set(ROUTE_CODES)) == len(ROUTE_CODES)
 

@@ -27,7 +27,7 @@ def _settings(secret: str | None) -> Settings:
 
 
 def test_plain_secrets_verify_with_the_reference_library() -> None:
-    headers = webhooks.signed_headers({"task_id": "abc"}, BODY, _settings("s3cret"))
+    headers = webhooks.signed_headers("abc", BODY, _settings("s3cret"))
     assert headers["webhook-id"] == "msg_abc"
     assert abs(int(headers["webhook-timestamp"]) - time.time()) < 5
     assert Webhook(b"s3cret").verify(BODY, headers) == json.loads(BODY)
@@ -35,7 +35,7 @@ def test_plain_secrets_verify_with_the_reference_library() -> None:
 
 def test_whsec_secrets_are_base64_keys_as_the_standard_says() -> None:
     secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-    headers = webhooks.signed_headers({"task_id": "abc"}, BODY, _settings(secret))
+    headers = webhooks.signed_headers("abc", BODY, _settings(secret))
     Webhook(secret).verify(BODY, headers)
     assert webhooks.verify(BODY, secret, headers)
 
@@ -59,7 +59,7 @@ def test_without_a_secret_the_webhook_says_it_is_unsigned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="morag.webhooks"):
-        headers = webhooks.signed_headers({"task_id": "abc"}, BODY, _settings(None))
+        headers = webhooks.signed_headers("abc", BODY, _settings(None))
     assert "webhook-signature" not in headers
     assert headers["webhook-id"] == "msg_abc" and headers["webhook-timestamp"].isdigit()
     assert "MORAG_WEBHOOK_SECRET is not set" in caplog.text
@@ -74,7 +74,12 @@ celery_app.conf.task_publish_retry = False
 celery_app.conf.broker_connection_retry = False
 celery_app.conf.broker_connection_max_retries = 0
 client = redis.Redis.from_url(sys.argv[1])
-record = {"task_id": sys.argv[2], "status": "succeeded", "webhook_url": "http://127.0.0.1/h"}
+from morag.job_record import JobRecord
+record = JobRecord(
+    task_id=sys.argv[2], status="succeeded", content_type="web", webhook_url="http://127.0.0.1/h",
+    source={"type": "url", "url": "http://127.0.0.1/p"}, attempts=[], created_at="t",
+    updated_at="t", route={"queue": "celery", "gpu_requested": False, "code": "c", "reason": "r"},
+)
 print(json.dumps({"queued": notify_end(client, record)}))
 """
 

@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from morag.api.schemas import Accepted
 from morag.config import DECLARED_QUEUES, GPU_QUEUE, STORE_QUEUE
+from morag.job_record import Job, JobStatus, Route
 
 app = typer.Typer(
     help="MoRAG processing service.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -173,9 +175,6 @@ def _is_url(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
 @app.command()
 def submit(
     targets: list[str] = typer.Argument(..., help="files to upload and/or http(s) URLs"),
@@ -200,7 +199,7 @@ def submit(
         if not Path(name).is_file():
             err.print(f"[red]not a file or an http(s) URL:[/red] {name}")
             raise typer.Exit(2)
-    jobs: list[dict[str, Any]] = []
+    jobs: list[Accepted] = []
     with _client(api_url, api_key) as client:
         for target in targets:
             if _is_url(target):
@@ -228,27 +227,28 @@ def submit(
                         files={"file": (Path(target).name, f)},
                         data=form,
                     )
-            job["source"] = target
-            jobs.append(job)
+            accepted = Accepted.model_validate(job)
+            jobs.append(accepted)
             if not as_json:
                 console.print(
-                    f"{target}: job [bold]{job['task_id']}[/bold] -> {_route_text(job['route'])}"
+                    f"{target}: job [bold]{accepted.task_id}[/bold] -> "
+                    f"{_route_text(accepted.route)}"
                 )
             elif not wait:
-                print(json.dumps(job))
+                print(json.dumps({**job, "source": target}))
         if not wait:
             return
-        finals = [_follow(client, job["task_id"], quiet=as_json) for job in jobs]
+        finals = [_follow(client, job.task_id, quiet=as_json) for job in jobs]
     for final in finals:
         if as_json:
-            print(json.dumps(final))
+            print(final.model_dump_json())
         else:
             _print_job(final)
-    if any(final["status"] != "succeeded" for final in finals):
+    if any(final.status != JobStatus.succeeded for final in finals):
         raise typer.Exit(1)
 
 
-def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> dict[str, Any]:
+def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> Job:
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -259,33 +259,33 @@ def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> dict[str, Any
     ) as progress:
         bar = progress.add_task(task_id, total=1.0)
         while True:
-            job = _request(client, "GET", f"/api/v1/status/{task_id}", params={"wait": 1})
-            progress.update(
-                bar, completed=job.get("progress") or 0.0, description=f"{task_id} {job['status']}"
+            job = Job.model_validate(
+                _request(client, "GET", f"/api/v1/status/{task_id}", params={"wait": 1})
             )
-            if job["status"] in TERMINAL:
+            progress.update(bar, completed=job.progress, description=f"{task_id} {job.status}")
+            if job.status.final:
                 return job
             time.sleep(0.2)
 
 
-def _route_text(route: dict[str, Any]) -> str:
+def _route_text(route: Route) -> str:
     """``queue [code] (reason)``; the code is the stable, machine-readable part."""
-    code = route.get("code")
-    return f"{route['queue']} " + (f"\\[{code}] " if code else "") + f"({route['reason']})"
+    code = route.code
+    return f"{route.queue} " + (f"\\[{code}] " if code else "") + f"({route.reason})"
 
 
-def _print_job(job: dict[str, Any]) -> None:
-    console.print(f"[bold]{job['task_id']}[/bold]: {job['status']}")
-    console.print(f"route: {_route_text(job['route'])}")
-    for a in job.get("attempts", []):
+def _print_job(job: Job) -> None:
+    console.print(f"[bold]{job.task_id}[/bold]: {job.status}")
+    console.print(f"route: {_route_text(job.route)}")
+    for a in job.attempts:
         console.print(
-            f"  attempt on {a['queue']} by {a['worker']} ({a['device']})"
-            + (f": {a['error']}" if a.get("error") else "")
+            f"  attempt on {a.queue} by {a.worker} ({a.device})"
+            + (f": {a.error}" if a.error else "")
         )
-    if job.get("error"):
-        console.print(f"[red]error:[/red] {job['error']}")
-    if job.get("result"):
-        console.print(job["result"].get("content", ""), style="green", markup=False)
+    if job.error:
+        console.print(f"[red]error:[/red] {job.error}")
+    if job.result:
+        console.print(job.result.content, style="green", markup=False)
 
 
 @app.command()
@@ -301,9 +301,9 @@ def status(
         if wait:
             job = _follow(client, task_id, quiet=as_json)
         else:
-            job = _request(client, "GET", f"/api/v1/status/{task_id}")
+            job = Job.model_validate(_request(client, "GET", f"/api/v1/status/{task_id}"))
     if as_json:
-        print(json.dumps(job))
+        print(job.model_dump_json())
     else:
         _print_job(job)
 

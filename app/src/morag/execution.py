@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from morag import files, fleet, urls
 from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE
-from morag.jobs import TERMINAL, Record
+from morag.job_record import TERMINAL, JobRecord, Result, Route
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
 from morag.routing import gpu_failure_route, rescued_route
@@ -63,7 +63,7 @@ def owner_is_dead(holder: str, my_worker: str) -> bool:
     return name == my_worker and pid.isdigit() and not _pid_alive(int(pid))
 
 
-def _rescue_route(rt: Runtime, queue: str, worker: str) -> dict[str, Any] | None:
+def _rescue_route(rt: Runtime, queue: str, worker: str) -> Route | None:
     """A job taken from gpu-tasks by a worker not configured for it (its heartbeat's
     ``queues``) is a rescue. Only gpu=true jobs are ever routed to gpu-tasks."""
     if queue != GPU_QUEUE:
@@ -71,7 +71,7 @@ def _rescue_route(rt: Runtime, queue: str, worker: str) -> dict[str, Any] | None
     raw = rt.redis.get(fleet.heartbeat_key(worker))
     if not raw or GPU_QUEUE in json.loads(raw).get("queues", []):
         return None
-    return rescued_route(gpu_requested=True, worker=worker).as_dict()
+    return rescued_route(gpu_requested=True, worker=worker)
 
 
 def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
@@ -97,7 +97,7 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
         return
     record = claim.record
     assert record is not None
-    if record.get("force_cpu") and device != "cpu":
+    if record.force_cpu and device != "cpu":
         device = "cpu"
         _set_attempt_device(rt, task_id, owner, device)
     scratch = files.scratch_dir(rt.settings, task_id)
@@ -121,13 +121,13 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     except urls.UrlRefused as exc:
         finish(error=str(exc))
     except Exception as exc:
-        if is_gpu_failure(exc) and not record.get("force_cpu"):
+        if is_gpu_failure(exc) and not record.force_cpu:
             _fall_back_to_cpu(rt, record, owner, worker, exc)
         else:
             log.exception("job %s failed", task_id)
             finish(error=f"internal error: {type(exc).__name__}: {exc}")
     else:
-        if record.get("store"):
+        if record.store:
             # Storing runs on the server (morag-store); the job succeeds once stored.
             handed = through_outage(
                 rt,
@@ -142,8 +142,8 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
             if handed:
                 dispatch(rt.store, task_id, STORE_QUEUE)
         else:
-            if record.get("kind") == "ingest":
-                result.setdefault("metadata", {})["stored"] = False
+            if record.kind == "ingest":
+                result.metadata["stored"] = False
             finish(result=result)
     finally:
         files.drop_scratch(scratch)
@@ -154,23 +154,23 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
 
 
 def _set_attempt_device(rt: Runtime, task_id: str, owner: str, device: str) -> None:
-    def change(rec: Record, holder: str | None) -> Record | None:
-        if holder != owner:
+    def change(rec: JobRecord, holder: str | None) -> JobRecord | None:
+        if holder != owner or not rec.attempts:
             return None
-        rec["attempts"][-1]["device"] = device
+        rec.attempts[-1].device = device
         return rec
 
     rt.store.update(task_id, change)
 
 
 def _fall_back_to_cpu(
-    rt: Runtime, record: Record, owner: str, worker: str, exc: BaseException
+    rt: Runtime, record: JobRecord, owner: str, worker: str, exc: BaseException
 ) -> None:
-    task_id = record["task_id"]
+    task_id = record.task_id
     route = gpu_failure_route(
-        gpu_requested=record["route"]["gpu_requested"], worker=worker, error=str(exc)
-    ).as_dict()
-    log.warning("job %s: %s", task_id, route["reason"])
+        gpu_requested=record.route.gpu_requested, worker=worker, error=str(exc)
+    )
+    log.warning("job %s: %s", task_id, route.reason)
     if rt.store.requeue(task_id, route=route, error=str(exc), owner=owner, force_cpu=True):
         dispatch(rt.store, task_id, CPU_QUEUE)
 
@@ -202,9 +202,9 @@ def _fault(rt: Runtime, options: dict[str, Any], queue: str, device: str, progre
 
 
 def _process(
-    rt: Runtime, record: Record, *, queue: str, device: str, owner: str, scratch: Path
-) -> dict[str, Any]:
-    task_id = record["task_id"]
+    rt: Runtime, record: JobRecord, *, queue: str, device: str, owner: str, scratch: Path
+) -> Result:
+    task_id = record.task_id
     last = {"at": 0.0}
 
     def progress(fraction: float) -> None:
@@ -216,22 +216,22 @@ def _process(
             except redis.RedisError as exc:  # progress is a hint; the job goes on
                 log.warning("job %s: progress not recorded (%s)", task_id, exc)
 
-    source = record["source"]
-    content_type = record["content_type"]
-    _fault(rt, record.get("options") or {}, queue, device, progress)
+    source = record.source
+    content_type = record.content_type
+    _fault(rt, record.options, queue, device, progress)
     try:
         processor = get_processor(content_type)
     except KeyError as exc:
         raise ProcessingError(str(exc)) from exc
-    source_url = source.get("url") if source["type"] == "url" else None
-    if source["type"] == "file":
+    source_url = source.url if source.type == "url" else None
+    if source.type == "file":
         path, transfer = files.fetch_for_worker(rt.settings, source, scratch)
     elif getattr(processor, "fetches_url", False):
         path, transfer = scratch, "url"
     else:
         path = scratch / "download"
         urls.download(
-            source["url"],
+            str(source.url),
             path,
             allowlist=rt.settings.url_allowlist,
             max_bytes=rt.settings.max_upload_bytes,
@@ -239,15 +239,15 @@ def _process(
         )
         transfer = "url"
     ctx = ProcessContext(rt.settings, device, scratch, progress, source_url)
-    result = processor.process(path, record.get("options") or {}, ctx)
-    result.setdefault("metadata", {})
-    result["metadata"].setdefault("device", device)
-    result["metadata"]["file_transfer"] = transfer
-    result["metadata"]["content_type"] = content_type
+    # A processor's output that is not a Result fails here, as the job's internal error.
+    result = Result.model_validate(processor.process(path, record.options, ctx))
+    result.metadata.setdefault("device", device)
+    result.metadata["file_transfer"] = transfer
+    result.metadata["content_type"] = content_type
     return result
 
 
-def _cleanup(rt: Runtime, record: Record) -> None:
+def _cleanup(rt: Runtime, record: JobRecord) -> None:
     """Once a job has ended, its upload is no longer needed in the shared directory."""
-    if record["status"] in TERMINAL and record["source"]["type"] == "file":
-        files.remove_upload(rt.settings.uploads_dir, record["source"]["file_id"])
+    if record.status in TERMINAL and record.upload_id:
+        files.remove_upload(rt.settings.uploads_dir, record.upload_id)

@@ -14,11 +14,12 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import httpx
 
 from morag.config import Settings
+from morag.job_record import Source
 
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1024 * 1024
@@ -84,11 +85,11 @@ def remove_upload(uploads_dir: Path, file_id: str) -> None:
         upload_path(uploads_dir, file_id).unlink(missing_ok=True)
 
 
-def fetch_for_worker(
-    settings: Settings, source: dict[str, Any], dest_dir: Path
-) -> tuple[Path, str]:
+def fetch_for_worker(settings: Settings, source: Source, dest_dir: Path) -> tuple[Path, str]:
     """Return a local path for the job's upload and how it got here (``shared`` or ``http``)."""
-    file_id, sha = source["file_id"], source["sha256"]
+    if not source.file_id or not source.sha256:
+        raise FileUnavailable("the job names no upload (file_id and sha256 are missing)")
+    file_id, sha = source.file_id, source.sha256
     shared = upload_path(settings.uploads_dir, file_id)
     if shared.is_file() and sha256_of(shared) == sha:
         return shared, "shared"

@@ -11,46 +11,34 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from enum import Enum
 from typing import Any
 
 import redis
 
 from morag import metrics
+from morag.job_record import TERMINAL, Attempt, JobRecord, JobStatus, Result, Route, Source
 
-
-# A str enum: the record stores, and code compares, the plain strings.
-class JobStatus(str, Enum):
-    """A job's state. ``succeeded``, ``failed`` and ``cancelled`` are final."""
-
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
+__all__ = ["TERMINAL", "JobRecord", "JobStatus", "JobStore"]
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    JobStatus.queued.value,
-    JobStatus.running.value,
-    JobStatus.succeeded.value,
-    JobStatus.failed.value,
-    JobStatus.cancelled.value,
+    JobStatus.queued,
+    JobStatus.running,
+    JobStatus.succeeded,
+    JobStatus.failed,
+    JobStatus.cancelled,
 )
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 ACTIVE_SET = "morag:jobs:active"
 # Jobs whose message must be (re)sent: task id -> epoch seconds after which a reconciler
 # sends it. Written in the same transaction as the record, removed once the send returned.
 OUTBOX = "morag:outbox"
 
-Record = dict[str, Any]
-LeaseAction = str | None | bool | Callable[[Record], str | bool | None]
+LeaseAction = str | None | bool | Callable[[JobRecord], str | bool | None]
 # Queues further commands (metrics) on the transaction that commits the new record.
-OnCommit = Callable[[redis.client.Pipeline, Record], None]
+OnCommit = Callable[[redis.client.Pipeline, JobRecord], None]
 
 
 def job_key(task_id: str) -> str:
@@ -77,59 +65,32 @@ def new_record(
     *,
     kind: str,
     content_type: str,
-    source: dict[str, Any],
+    source: Source,
     options: dict[str, Any],
-    route: dict[str, Any],
+    route: Route,
     metadata: dict[str, Any] | None = None,
     webhook_url: str | None = None,
     batch_id: str | None = None,
     task_id: str | None = None,
-) -> Record:
+) -> JobRecord:
     stamp = now_iso()
-    return {
-        "task_id": task_id or new_id(),
-        "kind": kind,
-        "status": QUEUED,
-        "content_type": content_type,
-        "source": source,
-        "options": options,
-        "metadata": metadata or {},
-        "webhook_url": webhook_url,
-        "batch_id": batch_id,
-        "route": route,
-        "queued_at": stamp,  # when it last entered `queued` (None once a worker claims it)
-        "progress": 0.0,
-        "attempts": [],
-        "deliveries": 0,
-        "force_cpu": False,
-        "result": None,
-        "error": None,
-        "waiting_for": None,  # what a job that is not moving waits for, in words
-        "created_at": stamp,
-        "updated_at": stamp,
-    }
-
-
-def public_view(record: Record) -> Record:
-    """What clients see (internal bookkeeping stays out)."""
-    keys = (
-        "task_id",
-        "status",
-        "content_type",
-        "route",
-        "progress",
-        "attempts",
-        "result",
-        "error",
-        "created_at",
-        "updated_at",
-        "batch_id",
-        "metadata",
-        "waiting_for",
+    return JobRecord(
+        task_id=task_id or new_id(),
+        kind=kind,
+        status=JobStatus.queued,
+        content_type=content_type,
+        source=source,
+        options=options,
+        metadata=metadata or {},
+        webhook_url=webhook_url,
+        batch_id=batch_id,
+        route=route,
+        queued_at=stamp,
+        progress=0.0,
+        attempts=[],
+        created_at=stamp,
+        updated_at=stamp,
     )
-    view = {k: record.get(k) for k in keys}
-    view["webhook"] = record.get("webhook")
-    return view
 
 
 @dataclass(frozen=True)
@@ -138,7 +99,7 @@ class Claim:
 
     run: bool
     reason: str
-    record: Record | None = None
+    record: JobRecord | None = None
 
 
 class JobStore:
@@ -153,12 +114,12 @@ class JobStore:
         self.outbox_grace = outbox_grace
 
     # -- plain reads and writes ------------------------------------------------------
-    def create(self, record: Record) -> None:
+    def create(self, record: JobRecord) -> None:
         """Write a new record and its outbox entry in one transaction (MULTI/EXEC)."""
         pipe = self.r.pipeline()
-        pipe.set(job_key(record["task_id"]), json.dumps(record), ex=self.ttl)
-        pipe.sadd(ACTIVE_SET, record["task_id"])
-        pipe.zadd(OUTBOX, {record["task_id"]: time.time() + self.outbox_grace})
+        pipe.set(job_key(record.task_id), record.to_json(), ex=self.ttl)
+        pipe.sadd(ACTIVE_SET, record.task_id)
+        pipe.zadd(OUTBOX, {record.task_id: time.time() + self.outbox_grace})
         metrics.job_created(pipe, record)
         pipe.execute()
 
@@ -175,31 +136,31 @@ class JobStore:
     def outbox_size(self) -> int:
         return int(self.r.zcard(OUTBOX))
 
-    def fail_unsent(self, task_id: str, reason: str) -> Record | None:
+    def fail_unsent(self, task_id: str, reason: str) -> JobRecord | None:
         """The API could not send a new job's message: end it instead of stranding it."""
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != QUEUED or record["attempts"]:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != QUEUED or record.attempts:
                 return None
-            record["status"] = FAILED
-            record["error"] = reason
+            record.status = FAILED
+            record.error = reason
             return record
 
-        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
             pipe.zrem(OUTBOX, task_id)
             metrics.job_ended(pipe, record)
 
         return self.update(task_id, change, lease=None, on_commit=account)
 
-    def get(self, task_id: str) -> Record | None:
+    def get(self, task_id: str) -> JobRecord | None:
         raw = self.r.get(job_key(task_id))
-        return json.loads(raw) if raw else None
+        return JobRecord.from_json(raw) if raw else None
 
-    def get_many(self, task_ids: list[str]) -> list[Record]:
+    def get_many(self, task_ids: list[str]) -> list[JobRecord]:
         if not task_ids:
             return []
         raws = self.r.mget([job_key(t) for t in task_ids])
-        return [json.loads(raw) for raw in raws if raw]
+        return [JobRecord.from_json(raw) for raw in raws if raw]
 
     def active_ids(self) -> list[str]:
         return sorted(
@@ -228,7 +189,7 @@ class JobStore:
                 self._retake_lease(task_id, owner)
 
     def _retake_lease(self, task_id: str, owner: str) -> None:
-        def change(record: Record, holder: str | None) -> Record | None:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
             if holder is None and _is_attempt_of(record, owner):
                 return record
             return None
@@ -239,11 +200,11 @@ class JobStore:
     def update(
         self,
         task_id: str,
-        change: Callable[[Record, str | None], Record | None],
+        change: Callable[[JobRecord, str | None], JobRecord | None],
         *,
         lease: LeaseAction = False,
         on_commit: OnCommit | None = None,
-    ) -> Record | None:
+    ) -> JobRecord | None:
         """Apply ``change(record, lease_owner)`` atomically.
 
         ``change`` returns the new record, or None to leave everything as it is.
@@ -254,7 +215,7 @@ class JobStore:
         Returns the stored record after the change (or the unchanged one).
         """
         key, lkey = job_key(task_id), lease_key(task_id)
-        outcome: dict[str, Record | None] = {"record": None}
+        outcome: dict[str, JobRecord | None] = {"record": None}
 
         def txn(pipe: redis.client.Pipeline) -> None:
             raw = pipe.get(key)
@@ -265,15 +226,15 @@ class JobStore:
                 outcome["record"] = None
                 pipe.multi()
                 return
-            record = json.loads(raw)
+            record = JobRecord.from_json(raw)
             new = change(record, owner)
             outcome["record"] = new if new is not None else record
             pipe.multi()
             if new is None:
                 return
-            new["updated_at"] = now_iso()
-            pipe.set(key, json.dumps(new), ex=self.ttl)
-            if new["status"] in TERMINAL:
+            new.updated_at = now_iso()
+            pipe.set(key, new.to_json(), ex=self.ttl)
+            if new.status in TERMINAL:
                 pipe.srem(ACTIVE_SET, task_id)
             else:
                 pipe.sadd(ACTIVE_SET, task_id)
@@ -297,7 +258,7 @@ class JobStore:
         attempt: dict[str, Any],
         max_deliveries: int,
         owner_is_dead: Callable[[str], bool],
-        route: dict[str, Any] | None = None,
+        route: Route | None = None,
     ) -> Claim:
         """A worker received the job's message: decide whether it runs it.
 
@@ -308,11 +269,11 @@ class JobStore:
         verdict: dict[str, Claim] = {}
         seen: dict[str, Any] = {}
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] in TERMINAL:
-                verdict["c"] = Claim(False, f"job already {record['status']}")
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status in TERMINAL:
+                verdict["c"] = Claim(False, f"job already {record.status.value}")
                 return None
-            if record.get("storing"):
+            if record.storing:
                 verdict["c"] = Claim(False, "job is being stored")
                 return None
             if holder and holder != owner and not owner_is_dead(holder):
@@ -322,37 +283,39 @@ class JobStore:
                 # This very claim committed, but its answer was lost to a Redis blip.
                 verdict["c"] = Claim(True, "claimed", record)
                 return None
-            record["deliveries"] = int(record.get("deliveries", 0)) + 1
+            record.deliveries += 1
             seen["lost"] = _close_open_attempt(record, "worker lost during the job")
-            seen["queued_at"] = record.get("queued_at")
-            if record["deliveries"] > max_deliveries:
-                record["status"] = FAILED
-                record["error"] = (
+            seen["queued_at"] = record.queued_at
+            if record.deliveries > max_deliveries:
+                record.status = FAILED
+                record.error = (
                     f"gave up after {max_deliveries} deliveries: the worker was lost each "
                     "time (the job may crash its worker)"
                 )
                 verdict["c"] = Claim(False, "delivery cap reached", record)
                 return record
-            record["status"] = RUNNING
-            record["progress"] = 0.0
-            record["queued_at"] = None
-            record["owner"] = owner  # whose attempt this is, should its lease lapse
-            record["waiting_for"] = None
+            record.status = RUNNING
+            record.progress = 0.0
+            record.queued_at = None
+            record.owner = owner  # whose attempt this is, should its lease lapse
+            record.waiting_for = None
             if route is not None:
-                record["route"] = route
-            record["attempts"].append(
-                {**attempt, "started_at": now_iso(), "finished_at": None, "error": None}
+                record.route = route
+            record.attempts.append(
+                Attempt.model_validate(
+                    {**attempt, "started_at": now_iso(), "finished_at": None, "error": None}
+                )
             )
             verdict["c"] = Claim(True, "claimed", record)
             return record
 
-        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
             if seen.get("lost"):
                 metrics.redelivered(pipe, record)
-            if record["status"] == RUNNING:
+            if record.status == RUNNING:
                 metrics.job_claimed(pipe, record, seen.get("queued_at"))
                 if route is not None:
-                    metrics.route_decided(pipe, route, record["content_type"])
+                    metrics.route_decided(pipe, route, record.content_type)
             else:
                 metrics.job_ended(pipe, record)
 
@@ -360,7 +323,7 @@ class JobStore:
         result = self.update(
             task_id,
             change,
-            lease=lambda rec: owner if rec["status"] == RUNNING else None,
+            lease=lambda rec: owner if rec.status == RUNNING else None,
             on_commit=account,
         )
         if result is None:
@@ -368,34 +331,40 @@ class JobStore:
         return verdict["c"]
 
     def set_progress(self, task_id: str, owner: str, progress: float) -> None:
-        def change(record: Record, holder: str | None) -> Record | None:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
             if not _owns(record, holder, owner):
                 return None
-            record["progress"] = round(min(max(progress, 0.0), 1.0), 3)
+            record.progress = round(min(max(progress, 0.0), 1.0), 3)
             return record
 
         # A lease that lapsed during a Redis outage is taken back with the write.
         self.update(task_id, change, lease=owner)
 
     def finish(
-        self, task_id: str, owner: str, *, result: Record | None = None, error: str | None = None
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        result: Result | Mapping[str, Any] | None = None,
+        error: str | None = None,
     ) -> bool:
         """Record the outcome of the attempt ``owner``; False when it no longer owns the job."""
         done = {"ok": False}
+        outcome = None if result is None else as_result(result)
 
-        def change(record: Record, holder: str | None) -> Record | None:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
             if not _owns(record, holder, owner):
                 return None
             _close_open_attempt(record, error)
-            record["status"] = FAILED if error else SUCCEEDED
-            record["result"] = result
-            record["error"] = error
+            record.status = FAILED if error else SUCCEEDED
+            record.result = outcome
+            record.error = error
             if not error:
-                record["progress"] = 1.0
+                record.progress = 1.0
             done["ok"] = True
             return record
 
-        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
             metrics.attempt_ended(pipe, record)
             metrics.job_ended(pipe, record)
 
@@ -403,26 +372,32 @@ class JobStore:
         return done["ok"]
 
     def hand_to_store(
-        self, task_id: str, owner: str, *, result: Record, store_resend_after: float = 300.0
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        result: Result | Mapping[str, Any],
+        store_resend_after: float = 300.0,
     ) -> bool:
         """Processing of an ingest job succeeded: close the attempt, keep the job ``running``
         with ``result.metadata.stored = "pending"`` until the store worker completes it."""
         done = {"ok": False}
+        outcome = as_result(result)
+        outcome.metadata["stored"] = "pending"
 
-        def change(record: Record, holder: str | None) -> Record | None:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
             if not _owns(record, holder, owner):
                 return None
             _close_open_attempt(record, None)
-            result.setdefault("metadata", {})["stored"] = "pending"
-            record["result"] = result
-            record["storing"] = True
-            record["store_resend_at"] = time.time() + store_resend_after
-            record["progress"] = 0.99
-            record["waiting_for"] = STORE_WAIT
+            record.result = outcome
+            record.storing = True
+            record.store_resend_at = time.time() + store_resend_after
+            record.progress = 0.99
+            record.waiting_for = STORE_WAIT
             done["ok"] = True
             return record
 
-        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
             pipe.zadd(OUTBOX, {task_id: time.time() + self.outbox_grace})
             metrics.attempt_ended(pipe, record)
 
@@ -433,14 +408,14 @@ class JobStore:
         """The store worker starts on a handed-over job: "run", or why it does not."""
         verdict = {"v": "unknown job"}
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != RUNNING or not record.get("storing"):
-                verdict["v"] = f"nothing to store (job {record['status']})"
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != RUNNING or not record.storing:
+                verdict["v"] = f"nothing to store (job {record.status.value})"
                 return None
             if holder and holder != owner and not owner_is_dead(holder):
                 verdict["v"] = f"being stored by {holder}"
                 return None
-            record["waiting_for"] = None
+            record.waiting_for = None
             verdict["v"] = "run"
             return record
 
@@ -450,11 +425,11 @@ class JobStore:
     def store_retry_at(self, task_id: str, owner: str, *, at: float, waiting_for: str) -> None:
         """A storing error is retried at ``at``: the reconciler leaves it alone until then."""
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != RUNNING or not record.get("storing"):
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != RUNNING or not record.storing:
                 return None
-            record["store_resend_at"] = max(float(record.get("store_resend_at") or 0), at)
-            record["waiting_for"] = waiting_for
+            record.store_resend_at = max(record.store_resend_at or 0.0, at)
+            record.waiting_for = waiting_for
             return record
 
         self.update(task_id, change, lease=lambda rec: None)
@@ -467,16 +442,16 @@ class JobStore:
         the message waiting in the queue is taken when one starts. Says why it waits."""
         done = {"ok": False}
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != RUNNING or not record.get("storing") or holder:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != RUNNING or not record.storing or holder:
                 return None
-            due = float(record.get("store_resend_at") or 0) <= time.time()
-            if not due and resend and str(record.get("waiting_for")).startswith(STORE_RETRY):
+            due = (record.store_resend_at or 0.0) <= time.time()
+            if not due and resend and str(record.waiting_for).startswith(STORE_RETRY):
                 return None  # a storing retry is scheduled: the job says so until it runs
-            changed = record.get("waiting_for") != waiting_for
-            record["waiting_for"] = waiting_for
+            changed = record.waiting_for != waiting_for
+            record.waiting_for = waiting_for
             if due or not resend:
-                record["store_resend_at"] = next_at
+                record.store_resend_at = next_at
                 changed = changed or due
             done["ok"] = due and resend
             return record if changed else None
@@ -484,22 +459,22 @@ class JobStore:
         self.update(task_id, change)
         return done["ok"]
 
-    def fail_timed_out(self, task_id: str, worker: str, limit: int) -> Record | None:
+    def fail_timed_out(self, task_id: str, worker: str, limit: int) -> JobRecord | None:
         """The hard time limit killed the attempt ``worker`` ran: the job ends here, once."""
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != RUNNING or record.get("storing"):
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != RUNNING or record.storing:
                 return None
-            owner = str(record.get("owner") or "")
+            owner = record.owner or ""
             if owner.rpartition("/")[0] != worker or (holder and holder != owner):
                 return None
             reason = f"ran out of time: the job ran past MORAG_JOB_TIME_LIMIT ({limit}s)"
             _close_open_attempt(record, reason)
-            record["status"] = FAILED
-            record["error"] = reason
+            record.status = FAILED
+            record.error = reason
             return record
 
-        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
             metrics.attempt_ended(pipe, record)
             metrics.job_ended(pipe, record)
 
@@ -511,19 +486,20 @@ class JobStore:
         """The store worker's verdict on a job handed over by ``hand_to_store``."""
         done = {"ok": False}
 
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] != RUNNING or not record.get("storing"):
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != RUNNING or not record.storing:
                 return None
-            record["storing"] = False
-            record["waiting_for"] = None
-            meta = record["result"].setdefault("metadata", {})
+            record.storing = False
+            record.waiting_for = None
+            assert record.result is not None  # set by hand_to_store
+            meta = record.result.metadata
             if error:
-                record["status"] = FAILED
-                record["error"] = error
+                record.status = FAILED
+                record.error = error
                 meta["stored"] = False
             else:
-                record["status"] = SUCCEEDED
-                record["progress"] = 1.0
+                record.status = SUCCEEDED
+                record.progress = 1.0
                 meta["stored"] = True
                 meta["stored_chunks"] = stored_chunks
             done["ok"] = True
@@ -536,54 +512,54 @@ class JobStore:
         self,
         task_id: str,
         *,
-        route: dict[str, Any],
+        route: Route,
         error: str,
         owner: str | None,
         force_cpu: bool = False,
-    ) -> Record | None:
+    ) -> JobRecord | None:
         """Put a running job back to ``queued`` on another route (runtime fallback, orphan).
 
         ``owner`` None means "only if nobody holds the lease" (the watchdog's case); otherwise
         the owner's attempt ends here (its run time is counted).
         """
 
-        def change(record: Record, holder: str | None) -> Record | None:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
             # A job handed to the store worker is running without a lease on purpose; the
             # watchdog may have listed it a moment before the hand-over.
-            if record["status"] != RUNNING or holder != owner or record.get("storing"):
+            if record.status != RUNNING or holder != owner or record.storing:
                 return None
             _close_open_attempt(record, error)
-            record["status"] = QUEUED
-            record["queued_at"] = now_iso()
-            record["route"] = route
-            record["owner"] = None
-            record["force_cpu"] = record.get("force_cpu", False) or force_cpu
+            record.status = QUEUED
+            record.queued_at = now_iso()
+            record.route = route
+            record.owner = None
+            record.force_cpu = record.force_cpu or force_cpu
             if force_cpu:
                 # A GPU failure is not a lost worker: it does not count against the cap.
-                record["deliveries"] = max(0, int(record.get("deliveries", 0)) - 1)
+                record.deliveries = max(0, record.deliveries - 1)
             return record
 
-        def account(pipe: redis.client.Pipeline, record: Record) -> None:
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
             # Sent by the caller once committed; a reconciler sends it if the caller dies.
             pipe.zadd(OUTBOX, {task_id: time.time() + self.outbox_grace})
             if owner is None:
                 metrics.orphan_requeued(pipe, route)
             else:
                 metrics.attempt_ended(pipe, record)
-            metrics.route_decided(pipe, route, record["content_type"])
+            metrics.route_decided(pipe, route, record.content_type)
 
         record = self.update(task_id, change, lease=None, on_commit=account)
-        if record is None or record["status"] != QUEUED:
+        if record is None or record.status != QUEUED:
             return None
         return record
 
-    def cancel(self, task_id: str) -> Record | None:
-        def change(record: Record, holder: str | None) -> Record | None:
-            if record["status"] in TERMINAL:
+    def cancel(self, task_id: str) -> JobRecord | None:
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status in TERMINAL:
                 return None
             _close_open_attempt(record, "cancelled")
-            record["status"] = CANCELLED
-            record["error"] = "cancelled by the client"
+            record.status = CANCELLED
+            record.error = "cancelled by the client"
             return record
 
         return self.update(task_id, change, lease=None, on_commit=metrics.job_ended)
@@ -593,30 +569,35 @@ STORE_WAIT = "a morag-store worker to chunk, embed and store the result"
 STORE_RETRY = "a retry of the storing"  # waiting_for while a storing retry is scheduled
 
 
-def _is_attempt_of(record: Record, owner: str) -> bool:
+def as_result(result: Result | Mapping[str, Any]) -> Result:
+    """A processor's output as the stored Result (ValidationError when it is not one)."""
+    return result if isinstance(result, Result) else Result.model_validate(dict(result))
+
+
+def _is_attempt_of(record: JobRecord, owner: str) -> bool:
     return (
-        record["status"] == RUNNING
-        and not record.get("storing")
-        and record.get("owner") == owner
-        and bool(record["attempts"])
-        and record["attempts"][-1].get("finished_at") is None
+        record.status == RUNNING
+        and not record.storing
+        and record.owner == owner
+        and record.open_attempt is not None
     )
 
 
-def _owns(record: Record, holder: str | None, owner: str) -> bool:
+def _owns(record: JobRecord, holder: str | None, owner: str) -> bool:
     """The attempt ``owner`` may write the job: it holds the lease, or the lease lapsed
     (a Redis outage longer than the lease) and nobody has requeued or taken the job since."""
-    if record["status"] != RUNNING:
+    if record.status != RUNNING:
         return False
     if holder == owner:
         return True
     return holder is None and _is_attempt_of(record, owner)
 
 
-def _close_open_attempt(record: Record, error: str | None) -> bool:
+def _close_open_attempt(record: JobRecord, error: str | None) -> bool:
     """End the current attempt if it is still open; True when there was one."""
-    if record["attempts"] and record["attempts"][-1].get("finished_at") is None:
-        record["attempts"][-1]["finished_at"] = now_iso()
-        record["attempts"][-1]["error"] = error
-        return True
-    return False
+    attempt = record.open_attempt
+    if attempt is None:
+        return False
+    attempt.finished_at = now_iso()
+    attempt.error = error
+    return True

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from morag.job_record import JobRecord, Route
 from morag.routing import (
     BACKLOG,
     GPU_FAILURE,
@@ -120,75 +121,72 @@ def _flag(value: Any) -> str:
     return "true" if value else "false"
 
 
-def route_decided(pipe: redis.client.Pipeline, route: dict[str, Any], content_type: str) -> None:
-    code = str(route.get("code") or "unknown")
-    gpu = _flag(route.get("gpu_requested"))
-    inc(pipe, "morag_route_decisions", queue=route.get("queue"), code=code, gpu_requested=gpu)
+def route_decided(pipe: redis.client.Pipeline, route: Route, content_type: str) -> None:
+    code = route.code or "unknown"
+    gpu = _flag(route.gpu_requested)
+    inc(pipe, "morag_route_decisions", queue=route.queue, code=code, gpu_requested=gpu)
     if is_gpu_fallback(route):
         inc(pipe, "morag_gpu_fallbacks", code=code, content_type=content_type)
 
 
-def job_created(pipe: redis.client.Pipeline, record: dict[str, Any]) -> None:
-    route = record["route"]
+def job_created(pipe: redis.client.Pipeline, record: JobRecord) -> None:
+    route = record.route
     inc(
         pipe,
         "morag_jobs_submitted",
-        content_type=record["content_type"],
-        queue=route.get("queue"),
-        gpu_requested=_flag(route.get("gpu_requested")),
+        content_type=record.content_type,
+        queue=route.queue,
+        gpu_requested=_flag(route.gpu_requested),
     )
-    route_decided(pipe, route, record["content_type"])
+    route_decided(pipe, route, record.content_type)
 
 
 def _observe_attempt(
     pipe: redis.client.Pipeline,
     name: str,
-    record: dict[str, Any],
+    record: JobRecord,
     start: str | None,
     end: str | None,
 ) -> None:
     """Observe end - start for the job's last attempt, labelled with its queue and device."""
-    attempt = record["attempts"][-1] if record.get("attempts") else {}
+    attempt = record.attempts[-1] if record.attempts else None
     begun, ended = parse_time(start), parse_time(end)
-    if begun is not None and ended is not None:
+    if attempt is not None and begun is not None and ended is not None:
         observe(
             pipe,
             name,
             ended - begun,
-            content_type=record["content_type"],
-            queue=attempt.get("queue"),
-            device=attempt.get("device"),
+            content_type=record.content_type,
+            queue=attempt.queue,
+            device=attempt.device,
         )
 
 
-def job_claimed(pipe: redis.client.Pipeline, record: dict[str, Any], queued_at: str | None) -> None:
+def job_claimed(pipe: redis.client.Pipeline, record: JobRecord, queued_at: str | None) -> None:
     """A worker started an attempt; the wait counts from when the job was (re)queued."""
-    started = record["attempts"][-1].get("started_at")
+    started = record.attempts[-1].started_at if record.attempts else None
     _observe_attempt(pipe, "morag_job_wait_seconds", record, queued_at, started)
 
 
-def attempt_ended(pipe: redis.client.Pipeline, record: dict[str, Any]) -> None:
+def attempt_ended(pipe: redis.client.Pipeline, record: JobRecord) -> None:
     """The worker holding the job recorded the end of its attempt (success or error)."""
-    attempt = record["attempts"][-1] if record.get("attempts") else {}
-    _observe_attempt(
-        pipe,
-        "morag_job_run_seconds",
-        record,
-        attempt.get("started_at"),
-        attempt.get("finished_at"),
-    )
+    if record.attempts:
+        attempt = record.attempts[-1]
+        _observe_attempt(
+            pipe, "morag_job_run_seconds", record, attempt.started_at, attempt.finished_at
+        )
 
 
-def job_ended(pipe: redis.client.Pipeline, record: dict[str, Any]) -> None:
-    inc(pipe, "morag_jobs_finished", state=record["status"], content_type=record["content_type"])
+def job_ended(pipe: redis.client.Pipeline, record: JobRecord) -> None:
+    inc(pipe, "morag_jobs_finished", state=record.status.value, content_type=record.content_type)
 
 
-def redelivered(pipe: redis.client.Pipeline, record: dict[str, Any]) -> None:
-    inc(pipe, "morag_redeliveries", content_type=record["content_type"])
+def redelivered(pipe: redis.client.Pipeline, record: JobRecord) -> None:
+    inc(pipe, "morag_redeliveries", content_type=record.content_type)
 
 
-def orphan_requeued(pipe: redis.client.Pipeline, route: dict[str, Any]) -> None:
-    inc(pipe, "morag_orphan_requeues", queue=route.get("queue"))
+def orphan_requeued(pipe: redis.client.Pipeline, route: Route) -> None:
+    inc(pipe, "morag_orphan_requeues", queue=route.queue)
 
 
 def webhook_outcome(client: redis.Redis, outcome: str) -> None:

@@ -9,6 +9,7 @@ records. Nothing happens at import time.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
@@ -23,9 +24,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
 from morag import __version__
 from morag.config import CPU_QUEUE, DECLARED_QUEUES, GPU_QUEUE, STORE_QUEUE, Settings
+from morag.job_record import JobRecord, JobStatus
 from morag.jobs import ACTIVE_SET, job_key
 from morag.metrics import (
     ACTIVE_STATES,
@@ -40,6 +43,8 @@ from morag.metrics import (
     WEBHOOK_OUTCOMES,
     parse_time,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _decode(value: bytes | str) -> str:
@@ -92,13 +97,17 @@ class FleetCollector(Collector):
         yield from self._histograms(histograms)
 
     # -- pieces -------------------------------------------------------------------------
-    def _records(self, ids: list[str]) -> list[dict[str, Any]]:
+    def _records(self, ids: list[str]) -> list[JobRecord]:
         records = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             for raw in self.client.mget([job_key(i) for i in chunk]):
-                if raw:
-                    records.append(json.loads(raw))
+                if not raw:
+                    continue
+                try:
+                    records.append(JobRecord.from_json(raw))
+                except ValidationError:  # a scrape never fails on one unreadable record
+                    log.warning("metrics: skipped an unreadable job record")
         return records
 
     def _settings_gauges(self) -> Iterator[Metric]:
@@ -214,7 +223,7 @@ class FleetCollector(Collector):
         yield used
         yield total
 
-    def _job_gauges(self, records: list[dict[str, Any]], now: float) -> Iterator[Metric]:
+    def _job_gauges(self, records: list[JobRecord], now: float) -> Iterator[Metric]:
         jobs = GaugeMetricFamily(
             "morag_jobs",
             "Jobs not yet ended, by state and content type (ended jobs: morag_jobs_finished)",
@@ -232,15 +241,15 @@ class FleetCollector(Collector):
                 counts[(state, ct)] += 0
         ages = dict.fromkeys(ACTIVE_STATES, 0.0)
         for record in records:
-            state = record.get("status")
+            state = record.status.value
             if state not in ages:
                 continue
-            counts[(state, str(record.get("content_type")))] += 1
-            if state == "queued":
-                since = parse_time(record.get("queued_at") or record.get("created_at"))
+            counts[(state, record.content_type)] += 1
+            if record.status == JobStatus.queued:
+                since = parse_time(record.queued_at or record.created_at)
             else:
-                attempts = record.get("attempts") or [{}]
-                since = parse_time(attempts[-1].get("started_at") or record.get("updated_at"))
+                started = record.attempts[-1].started_at if record.attempts else None
+                since = parse_time(started or record.updated_at)
             if since is not None:
                 ages[state] = max(ages[state], now - since)
         for (state, ct), n in sorted(counts.items()):

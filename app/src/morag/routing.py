@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from morag.config import CPU_QUEUE, GPU_QUEUE
+from morag.job_record import Route
 
 
 @dataclass(frozen=True)
@@ -53,27 +54,15 @@ ROUTE_CODES = (
 )
 
 
-@dataclass(frozen=True)
-class Route:
-    queue: str
-    gpu_requested: bool
-    code: str
-    reason: str
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "queue": self.queue,
-            "gpu_requested": self.gpu_requested,
-            "code": self.code,
-            "reason": self.reason,
-        }
+def _route(queue: str, gpu_requested: bool, code: str, reason: str) -> Route:
+    return Route(queue=queue, gpu_requested=gpu_requested, code=code, reason=reason)
 
 
-def is_gpu_fallback(route: dict[str, object]) -> bool:
+def is_gpu_fallback(route: Route) -> bool:
     """Did a job that asked for a GPU get sent to (or taken by) a CPU instead?"""
-    if not route.get("gpu_requested"):
+    if not route.gpu_requested:
         return False
-    return route.get("queue") != GPU_QUEUE or route.get("code") == RESCUED
+    return route.queue != GPU_QUEUE or route.code == RESCUED
 
 
 def decide_route(
@@ -81,13 +70,13 @@ def decide_route(
 ) -> Route:
     """Pick the queue for a new job. GPU only when a live GPU worker can take it now."""
     if not gpu_requested:
-        return Route(CPU_QUEUE, False, NOT_REQUESTED, "gpu not requested")
+        return _route(CPU_QUEUE, False, NOT_REQUESTED, "gpu not requested")
     gpu_workers = fleet.consumers_of(GPU_QUEUE)
     if not gpu_workers:
-        return Route(CPU_QUEUE, True, NO_GPU_WORKER, "no live GPU worker; running on CPU")
+        return _route(CPU_QUEUE, True, NO_GPU_WORKER, "no live GPU worker; running on CPU")
     capable = [w for w in gpu_workers if content_type in w.processors]
     if not capable:
-        return Route(
+        return _route(
             CPU_QUEUE,
             True,
             NO_CAPABLE_GPU,
@@ -95,19 +84,19 @@ def decide_route(
         )
     backlog = fleet.queue_lengths.get(GPU_QUEUE, 0)
     if backlog >= gpu_backlog_limit:
-        return Route(
+        return _route(
             CPU_QUEUE,
             True,
             BACKLOG,
             f"GPU backlog {backlog} reached the limit {gpu_backlog_limit}; running on CPU",
         )
     names = ", ".join(sorted(w.name for w in capable))
-    return Route(GPU_QUEUE, True, GPU_WORKER, f"{len(capable)} live GPU worker(s): {names}")
+    return _route(GPU_QUEUE, True, GPU_WORKER, f"{len(capable)} live GPU worker(s): {names}")
 
 
 def gpu_failure_route(*, gpu_requested: bool, worker: str, error: str) -> Route:
     """The GPU failed mid-job: the same job goes to the CPU queue."""
-    return Route(
+    return _route(
         CPU_QUEUE,
         gpu_requested,
         GPU_FAILURE,
@@ -117,7 +106,7 @@ def gpu_failure_route(*, gpu_requested: bool, worker: str, error: str) -> Route:
 
 def rescued_route(*, gpu_requested: bool, worker: str) -> Route:
     """A CPU worker took a job waiting on gpu-tasks because no GPU worker was alive."""
-    return Route(
+    return _route(
         GPU_QUEUE,
         gpu_requested,
         RESCUED,

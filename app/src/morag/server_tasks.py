@@ -16,6 +16,7 @@ import httpx
 
 from morag import files, metrics, urls
 from morag.celery_app import STORE_TASK, celery_app
+from morag.job_record import JobRecord
 from morag.jobs import CANCELLED, STORE_RETRY
 from morag.runtime import get_runtime
 from morag.webhooks import body_of, notify_end, signed_headers
@@ -33,29 +34,21 @@ def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(value, default=str))
 
 
-def source_name(record: dict[str, Any]) -> str:
-    source = record["source"]
-    if source["type"] == "url":
-        return str(source["url"])
-    return str(source.get("filename") or source.get("file_id"))
-
-
-def store_record(record: dict[str, Any], settings: Any, device: str) -> int:
+def store_record(record: JobRecord, settings: Any, device: str) -> int:
     """Chunk the job's content, embed the chunks and write them; the number of chunks."""
     from morag.vectors import chunking, embeddings, store
 
-    result = record.get("result") or {}
-    chunks = chunking.chunk_markdown(
-        result.get("content") or "", settings.chunk_size, settings.chunk_overlap
-    )
-    result_meta = {k: v for k, v in (result.get("metadata") or {}).items() if k != "stored"}
-    metadata = _json_safe({**result_meta, **(record.get("metadata") or {})})
+    content = record.result.content if record.result else ""
+    chunks = chunking.chunk_markdown(content, settings.chunk_size, settings.chunk_overlap)
+    produced = record.result.metadata if record.result else {}
+    result_meta = {k: v for k, v in produced.items() if k != "stored"}
+    metadata = _json_safe({**result_meta, **record.metadata})
     payloads = [
         {
             "text": chunk.text,
-            "job_id": record["task_id"],
-            "source": source_name(record),
-            "content_type": record["content_type"],
+            "job_id": record.task_id,
+            "source": record.source.label,
+            "content_type": record.content_type,
             "chunk_index": chunk.index,
             "section": chunk.section,
             "metadata": metadata,
@@ -65,7 +58,7 @@ def store_record(record: dict[str, Any], settings: Any, device: str) -> int:
     vectors = embeddings.embed(
         [c.text for c in chunks], model=settings.embedding_model, device=device
     )
-    return store.upsert_chunks(settings, record["task_id"], vectors, payloads)
+    return store.upsert_chunks(settings, record.task_id, vectors, payloads)
 
 
 @celery_app.task(name=STORE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -118,15 +111,16 @@ def store_job(self: Any, task_id: str) -> None:
             f"recording job {task_id}",
             lambda: rt.store.finish_store(task_id, stored_chunks=count),
         )
-        if not done and (rt.store.get(task_id) or {}).get("status") == CANCELLED:
+        now = rt.store.get(task_id)
+        if not done and now is not None and now.status == CANCELLED:
             # Cancelled while storing: what was written goes again.
             from morag.vectors import store
 
             store.delete_where(rt.settings, {"job_id": task_id})
     final = rt.store.get(task_id)
     if final is not None:
-        if final["source"]["type"] == "file":
-            files.remove_upload(rt.settings.uploads_dir, final["source"]["file_id"])
+        if final.upload_id:
+            files.remove_upload(rt.settings.uploads_dir, final.upload_id)
         notify_end(rt.redis, final)
 
 
@@ -164,11 +158,11 @@ def vector_op(request_id: str, op: str, params: dict[str, Any]) -> None:
 def deliver_webhook(self: Any, task_id: str) -> None:
     rt = get_runtime()
     record = rt.store.get(task_id)
-    if record is None or not record.get("webhook_url"):
+    if record is None or not record.webhook_url:
         return
-    url = record["webhook_url"]
+    url = record.webhook_url
     body = body_of(record)
-    headers = signed_headers(record, body, rt.settings)  # Standard Webhooks, fresh timestamp
+    headers = signed_headers(task_id, body, rt.settings)  # Standard Webhooks, fresh timestamp
     try:
         urls.check_url(url, rt.settings.url_allowlist)
     except urls.UrlRefused as exc:

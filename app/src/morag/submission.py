@@ -17,7 +17,8 @@ from morag import metrics_export, urls
 from morag.celery_app import dispatch
 from morag.config import Settings
 from morag.fleet import CachedFleet
-from morag.jobs import JobStore, Record, new_record
+from morag.job_record import JobRecord, Source
+from morag.jobs import JobStore, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.routing import decide_route
@@ -116,14 +117,14 @@ def submit(
     *,
     kind: str,
     content_type: str,
-    source: dict[str, Any],
+    source: Source,
     options: dict[str, Any],
     gpu: bool,
     metadata: dict[str, Any] | None = None,
     webhook_url: str | None = None,
     batch_id: str | None = None,
     task_id: str | None = None,
-) -> Record:
+) -> JobRecord:
     if webhook_url:
         try:
             urls.check_url(webhook_url, services.settings.url_allowlist)
@@ -140,29 +141,29 @@ def submit(
         content_type=content_type,
         source=source,
         options=options,
-        route=route.as_dict(),
+        route=route,
         metadata=metadata,
         webhook_url=webhook_url,
         batch_id=batch_id,
         task_id=task_id,
     )
-    record["store"] = kind == "ingest" and services.settings.store_ingested
+    record.store = kind == "ingest" and services.settings.store_ingested
     if webhook_url:
-        record["webhook"] = webhook_view(webhook_url, services.settings)
+        record.webhook = webhook_view(webhook_url, services.settings)
     # The record and its outbox entry first (one transaction), then the message: if this
     # process dies in between, a worker's reconciler sends the message after the grace.
     services.store.create(record)
     if services.settings.fault_injection and options.get("fault") == "api_dies_before_send":
         os._exit(70)  # test hook: the API dies between the record and its message
     try:
-        dispatch(services.store, record["task_id"], route.queue)
+        dispatch(services.store, record.task_id, route.queue)
     except (OperationalError, redis.RedisError) as exc:
         reason = f"the broker did not take the job's message: {type(exc).__name__}: {exc}"
-        log.warning("job %s refused: %s", record["task_id"], reason)
+        log.warning("job %s refused: %s", record.task_id, reason)
         try:
-            services.store.fail_unsent(record["task_id"], f"not accepted: {reason}")
+            services.store.fail_unsent(record.task_id, f"not accepted: {reason}")
         except redis.RedisError:
-            log.warning("job %s stays in the outbox; a worker will send it", record["task_id"])
+            log.warning("job %s stays in the outbox; a worker will send it", record.task_id)
         raise BrokerUnavailable(
             f"the job queue is unavailable ({type(exc).__name__}); try again later"
         ) from exc

@@ -22,7 +22,8 @@ from celery.worker import state as worker_state
 from morag import __version__, fleet, gpu_telemetry
 from morag.celery_app import celery_app, dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
-from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL, Record
+from morag.job_record import JobRecord
+from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL
 from morag.processors.registry import advertised_types
 from morag.routing import WORKER_LOST, decide_rescue, decide_route
 from morag.runtime import decide_device, job_store
@@ -162,27 +163,31 @@ class Supervisor:
         suspects: dict[str, float] = {}
         store_alive = bool(state.snapshot.consumers_of(STORE_QUEUE))
         for record in self.store.get_many(self.store.active_ids()):
-            task_id = record["task_id"]
-            if record["status"] != RUNNING or self.store.lease_owner(task_id):
+            task_id = record.task_id
+            if record.status != RUNNING or self.store.lease_owner(task_id):
                 continue
-            if record.get("storing"):  # handed to morag-store
+            if record.storing:  # handed to morag-store
                 self._watch_storing(record, store_alive)
                 continue
-            lost = record["attempts"][-1]["worker"] if record["attempts"] else "unknown"
+            lost = record.attempts[-1].worker if record.attempts else "unknown"
             if _reports_active(state, lost, task_id):
                 continue  # its worker is alive and runs it: it takes its lease back
             first = seen.get(task_id, now)
             suspects[task_id] = first
             if now - first < self.settings.heartbeat_ttl:
                 continue
-            route = decide_route(
-                gpu_requested=record["route"]["gpu_requested"],
-                content_type=record["content_type"],
+            decided = decide_route(
+                gpu_requested=record.route.gpu_requested,
+                content_type=record.content_type,
                 fleet=state.snapshot,
                 gpu_backlog_limit=self.settings.gpu_backlog_limit,
-            ).as_dict()
-            route["reason"] = f"worker {lost} was lost; redelivered: {route['reason']}"
-            route["code"] = WORKER_LOST
+            )
+            route = decided.model_copy(
+                update={
+                    "reason": f"worker {lost} was lost; redelivered: {decided.reason}",
+                    "code": WORKER_LOST,
+                }
+            )
             suspects.pop(task_id)
             if self.store.requeue(
                 task_id,
@@ -190,21 +195,19 @@ class Supervisor:
                 owner=None,
                 error=f"worker {lost} lost (no heartbeat)",
             ):
-                log.warning(
-                    "job %s orphaned by %s: re-enqueued on %s", task_id, lost, route["queue"]
-                )
-                dispatch(self.store, task_id, route["queue"])
+                log.warning("job %s orphaned by %s: re-enqueued on %s", task_id, lost, route.queue)
+                dispatch(self.store, task_id, route.queue)
         pipe = self.redis.pipeline()
         pipe.delete(SUSPECTS)
         if suspects:
             pipe.hset(SUSPECTS, mapping=suspects)
         pipe.execute()
 
-    def _watch_storing(self, record: Record, store_alive: bool) -> None:
+    def _watch_storing(self, record: JobRecord, store_alive: bool) -> None:
         """A handed-over job nobody stores: say why, and send its store message again once
         ``store_resend_after`` passed (a store worker killed mid-store leaves its message
         unacked until the visibility timeout; a duplicate is skipped by the store claim)."""
-        task_id = record["task_id"]
+        task_id = record.task_id
         next_at = time.time() + self.settings.store_resend_after
         if not store_alive:
             self.store.store_resent(
@@ -240,13 +243,13 @@ def current_hostname() -> str:
     return _supervisor.hostname if _supervisor is not None else socket.gethostname()
 
 
-def _pending_queue(record: Record | None) -> str | None:
+def _pending_queue(record: JobRecord | None) -> str | None:
     """Where the message of an outbox entry goes, or None when nothing is to be sent."""
-    if record is None or record["status"] in TERMINAL:
+    if record is None or record.status in TERMINAL:
         return None
-    if record["status"] == QUEUED:
-        return str(record["route"]["queue"])
-    if record["status"] == RUNNING and record.get("storing"):
+    if record.status == QUEUED:
+        return record.route.queue
+    if record.status == RUNNING and record.storing:
         return STORE_QUEUE
     return None  # claimed: the message was delivered
 

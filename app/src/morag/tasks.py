@@ -14,6 +14,7 @@ from celery.exceptions import TimeLimitExceeded
 from morag.celery_app import PROCESS_TASK, celery_app
 from morag.config import CPU_QUEUE, get_settings
 from morag.execution import run_job
+from morag.job_record import JobStatus
 from morag.runtime import get_runtime, job_store, require_device
 from morag.supervisor import current_hostname, drain_supervisor, start_supervisor
 from morag.webhooks import notify_end
@@ -62,7 +63,7 @@ def _on_task_failure(
         try:
             store = job_store(client, settings)
             record = store.fail_timed_out(task_id, current_hostname(), settings.job_time_limit)
-            if record is not None and record["status"] == "failed":
+            if record is not None and record.status == JobStatus.failed:
                 notify_end(client, record)
         finally:
             client.close()

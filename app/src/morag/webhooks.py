@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from morag.config import STORE_QUEUE
-from morag.jobs import TERMINAL, Record
+from morag.job_record import TERMINAL, JobRecord, Webhook
 
 log = logging.getLogger("morag.webhooks")
 
@@ -51,10 +51,10 @@ def secret_of(settings: Any) -> str | None:
     return secret or None
 
 
-def webhook_view(url: str, settings: Any) -> dict[str, Any]:
+def webhook_view(url: str, settings: Any) -> Webhook:
     """What a job says about its webhook: the URL, and whether deliveries are signed."""
     signed = secret_of(settings) is not None
-    return {"url": url, "signed": signed, "note": None if signed else UNSIGNED_NOTE}
+    return Webhook(url=url, signed=signed, note=None if signed else UNSIGNED_NOTE)
 
 
 def sent_key(task_id: str) -> str:
@@ -95,41 +95,40 @@ def verify(
     return any(hmac.compare_digest(expected, sig) for sig in given)
 
 
-def body_of(record: Record) -> bytes:
-    from morag.jobs import public_view
+def body_of(record: JobRecord) -> bytes:
+    view = record.public().model_dump(mode="json")
+    return json.dumps(view, sort_keys=True, separators=(",", ":")).encode()
 
-    return json.dumps(public_view(record), sort_keys=True, separators=(",", ":")).encode()
 
-
-def notify_end(client: redis.Redis, record: Record | None) -> bool:
+def notify_end(client: redis.Redis, record: JobRecord | None) -> bool:
     """Queue the webhook for an ended job, once per job (whoever ends it calls this).
 
     The job is marked as notified only once the message was published: a broker error
     leaves it unmarked (and logged) instead of losing the webhook behind a mark."""
-    if not record or not record.get("webhook_url") or record["status"] not in TERMINAL:
+    if record is None or not record.webhook_url or record.status not in TERMINAL:
         return False
-    key = sent_key(record["task_id"])
+    key = sent_key(record.task_id)
     try:
         if not client.set(key, "publishing", nx=True, ex=CLAIM_TTL):
             return False  # sent already, or another caller is publishing it now
     except Exception:  # a webhook must never fail the job or the worker
-        log.exception("could not queue the webhook of job %s", record["task_id"])
+        log.exception("could not queue the webhook of job %s", record.task_id)
         return False
     try:
         from morag.celery_app import celery_app
 
-        celery_app.send_task("morag.deliver_webhook", (record["task_id"],), queue=STORE_QUEUE)
+        celery_app.send_task("morag.deliver_webhook", (record.task_id,), queue=STORE_QUEUE)
     except Exception:
-        log.exception("could not queue the webhook of job %s", record["task_id"])
+        log.exception("could not queue the webhook of job %s", record.task_id)
         try:
             client.delete(key)  # not published: a later call may try again
         except Exception:
-            log.exception("could not release the webhook claim of job %s", record["task_id"])
+            log.exception("could not release the webhook claim of job %s", record.task_id)
         return False
     try:
-        client.set(key, record["status"], ex=SENT_TTL)
+        client.set(key, record.status.value, ex=SENT_TTL)
     except Exception:  # published; the claim expiring could at worst repeat the same id
-        log.exception("could not mark the webhook of job %s as queued", record["task_id"])
+        log.exception("could not mark the webhook of job %s as queued", record.task_id)
     return True
 
 
@@ -148,9 +147,9 @@ def headers_for(
     return headers
 
 
-def signed_headers(record: Record, body: bytes, settings: Any) -> dict[str, Any]:
+def signed_headers(task_id: str, body: bytes, settings: Any) -> dict[str, Any]:
     """The headers of one delivery attempt (a fresh timestamp each time)."""
     secret = secret_of(settings)
     if secret is None:
-        log.warning("webhook of job %s: %s", record["task_id"], UNSIGNED_NOTE)
-    return headers_for(body, secret, msg_id=message_id(record["task_id"]))
+        log.warning("webhook of job %s: %s", task_id, UNSIGNED_NOTE)
+    return headers_for(body, secret, msg_id=message_id(task_id))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, Header, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from morag import files
-from morag.jobs import TERMINAL, Record, new_id
+from morag.job_record import TERMINAL, JobRecord, Source
+from morag.jobs import new_id
 from morag.processors.detect import detect_content_type
 from morag.processors.registry import known_types
 from morag.submission import BadInput, Services, requested_type
@@ -112,7 +114,15 @@ def bad_input(exc: BadInput) -> HTTPException:
     return HTTPException(exc.status, exc.detail)
 
 
-def accept_upload(svc: Services, upload: UploadFile, options: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AcceptedUpload:
+    """An upload stored in the shared directory: what the job reads, and what it is."""
+
+    content_type: str
+    source: Source
+
+
+def accept_upload(svc: Services, upload: UploadFile, options: dict[str, Any]) -> AcceptedUpload:
     """Store an upload in the shared dir under a new id; answer its job source and type."""
     file_id = new_id()
     try:
@@ -136,25 +146,22 @@ def accept_upload(svc: Services, upload: UploadFile, options: dict[str, Any]) ->
     except BadInput:
         files.remove_upload(svc.settings.uploads_dir, file_id)
         raise
-    return {
-        "content_type": content_type,
-        "source": {
-            "type": "file",
-            "file_id": stored.file_id,
-            "sha256": stored.sha256,
-            "size": stored.size,
-            "filename": (upload.filename or "")[-200:],
-        },
-    }
+    source = Source.upload(
+        file_id=stored.file_id,
+        sha256=stored.sha256,
+        size=stored.size,
+        filename=(upload.filename or "")[-200:],
+    )
+    return AcceptedUpload(content_type, source)
 
 
-async def wait_for_end(svc: Services, task_id: str, seconds: float) -> Record | None:
+async def wait_for_end(svc: Services, task_id: str, seconds: float) -> JobRecord | None:
     """Poll the job record until it ends or ``seconds`` pass (long-poll helper)."""
     deadline = time.monotonic() + seconds
     delay = 0.05
     while True:
         record = await run_in_threadpool(svc.store.get, task_id)
-        if record is None or record["status"] in TERMINAL or time.monotonic() >= deadline:
+        if record is None or record.status in TERMINAL or time.monotonic() >= deadline:
             return record
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 0.5)

@@ -12,7 +12,8 @@ Parameter placement, the same on every route ("one way per parameter"):
 - Lists are paged: ``limit`` (1-500, default 100) and ``offset``; the answer holds the
   page and ``total``.
 
-Records in Redis keep their dict shape (``morag.jobs``); these models are the contract.
+The job and its parts (``Job``, ``Route``, ``Attempt``, ``Result``, ...) are the models the
+job store keeps (``morag.job_record``); the stored record extends ``Job`` with bookkeeping.
 Models that mirror stored records allow extra members so a new field in a record never
 turns an answer into a 500.
 """
@@ -23,69 +24,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from morag.jobs import JobStatus
+# The job's own models, one definition for the store, the workers and this contract;
+# re-exported here (``as``) with the rest of the contract.
+from morag.job_record import Attempt as Attempt
+from morag.job_record import Job as Job
+from morag.job_record import JobStatus as JobStatus
+from morag.job_record import Open as Open
+from morag.job_record import Result as Result
+from morag.job_record import Route as Route
+from morag.job_record import Segment as Segment
+from morag.job_record import Webhook as Webhook
+from morag.job_record import Word as Word
 
 # -- shared pieces -------------------------------------------------------------------------
-
-
-TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
-
-
-class Open(BaseModel):
-    """A stored structure: known members typed, new members passed through."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class Route(Open):
-    """Where a job was sent and why. ``code`` is stable and machine-readable:
-    not_requested, gpu_worker, no_gpu_worker, no_capable_gpu, backlog, gpu_failure,
-    worker_lost, rescued. ``reason`` is for people."""
-
-    queue: str = Field(examples=["gpu-tasks"])
-    gpu_requested: bool
-    code: str = Field(examples=["gpu_worker"])
-    reason: str
-
-
-class Attempt(Open):
-    """One run of the job on one worker."""
-
-    queue: str
-    worker: str
-    device: str = Field(description="cpu or cuda")
-    started_at: str | None = None
-    finished_at: str | None = None
-    error: str | None = None
-
-
-class Word(Open):
-    start: float
-    end: float
-    word: str
-    probability: float | None = None
-
-
-class Segment(Open):
-    start: float = Field(description="seconds")
-    end: float = Field(description="seconds")
-    text: str
-    words: list[Word] | None = Field(
-        default=None, description="with options.word_timestamps = true"
-    )
-
-
-class Result(Open):
-    """What a processor produced. Audio, video and YouTube add ``segments`` and
-    ``metadata.device``, ``metadata.model``, ``metadata.duration``, ``metadata.language``;
-    ``subtitles`` holds the formats asked for in ``options.subtitles``."""
-
-    content: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    segments: list[Segment] | None = None
-    subtitles: dict[str, str] | None = Field(
-        default=None, description="format (srt, vtt) -> subtitle file text"
-    )
 
 
 class ErrorBody(BaseModel):
@@ -241,12 +192,6 @@ class StillRunning(BaseModel):
     status: JobStatus
 
 
-class Webhook(BaseModel):
-    url: str
-    signed: bool = Field(description="deliveries carry Standard Webhooks signatures")
-    note: str | None = Field(default=None, description="why they are not signed")
-
-
 class Accepted(BaseModel):
     """``/api/v1/ingest/file`` and ``/url`` (202)."""
 
@@ -266,29 +211,6 @@ class BatchAccepted(BaseModel):
 class Cancelled(BaseModel):
     task_id: str
     status: JobStatus
-
-
-class Job(BaseModel):
-    """A job as clients see it."""
-
-    task_id: str
-    status: JobStatus
-    content_type: str
-    route: Route
-    progress: float = Field(ge=0, le=1)
-    attempts: list[Attempt]
-    result: Result | None = None
-    error: str | None = None
-    created_at: str
-    updated_at: str
-    batch_id: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    waiting_for: str | None = Field(
-        default=None, description="what a job that is not moving waits for (e.g. a store worker)"
-    )
-    webhook: Webhook | None = Field(
-        default=None, description="the job's webhook, and whether its deliveries are signed"
-    )
 
 
 class Page(BaseModel):

@@ -20,7 +20,8 @@ from morag.api.schemas import (
     errors,
 )
 from morag.celery_app import celery_app
-from morag.jobs import TERMINAL, new_id
+from morag.job_record import JobRecord, Source
+from morag.jobs import CANCELLED, TERMINAL, new_id
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
 from morag.webhooks import notify_end
 
@@ -32,13 +33,13 @@ router = APIRouter(
 )
 
 
-def _accepted(record: dict[str, Any]) -> Accepted:
+def _accepted(record: JobRecord) -> Accepted:
     return Accepted(
-        task_id=record["task_id"],
-        status=record["status"],
-        content_type=record["content_type"],
-        route=record["route"],
-        webhook=record.get("webhook"),
+        task_id=record.task_id,
+        status=record.status,
+        content_type=record.content_type,
+        route=record.route,
+        webhook=record.webhook,
     )
 
 
@@ -69,7 +70,8 @@ async def ingest_file(
                 gpu=gpu,
                 metadata=meta,
                 webhook_url=webhook_url,
-                **accepted,
+                content_type=accepted.content_type,
+                source=accepted.source,
             )
         )
     except BadInput as exc:
@@ -77,12 +79,12 @@ async def ingest_file(
     return _accepted(record)
 
 
-def _url_job(svc: Services, url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _url_job(svc: Services, url: str, options: dict[str, Any]) -> tuple[str, Source]:
     try:
         urls.check_url(url, svc.settings.url_allowlist)
     except urls.UrlRefused as exc:
         raise BadInput(422, f"URL refused ({url}): {exc}") from exc
-    return url_content_type(url, check_options(options)), {"type": "url", "url": url}
+    return url_content_type(url, check_options(options)), Source.link(url)
 
 
 @router.post("/url", status_code=202, response_model=Accepted, responses=errors(413, 415))
@@ -128,11 +130,11 @@ def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> BatchA
         ]
     except BadInput as exc:  # the webhook URL is checked with the first item
         raise bad_input(exc) from exc
-    svc.store.save_batch(batch_id, [r["task_id"] for r in records])
+    svc.store.save_batch(batch_id, [r.task_id for r in records])
     return BatchAccepted(
         batch_id=batch_id,
-        task_ids=[r["task_id"] for r in records],
-        routes=[r["route"] for r in records],
+        task_ids=[r.task_id for r in records],
+        routes=[r.route for r in records],
     )
 
 
@@ -141,14 +143,14 @@ def cancel(task_id: str, svc: Services = Depends(services)) -> Cancelled:
     record = svc.store.get(task_id)
     if record is None:
         raise ApiError(404, f"unknown task id {task_id}")
-    if record["status"] in TERMINAL:
-        raise ApiError(409, f"job {task_id} already ended: {record['status']}", "already_ended")
+    if record.status in TERMINAL:
+        raise ApiError(409, f"job {task_id} already ended: {record.status}", "already_ended")
     record = svc.store.cancel(task_id)
-    if record is None or record["status"] != "cancelled":
+    if record is None or record.status != CANCELLED:
         raise ApiError(409, f"job {task_id} ended before it could be cancelled", "already_ended")
     # Stop it if a worker is running it; a queued message is skipped when delivered.
     celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
-    if record["source"]["type"] == "file":
-        files.remove_upload(svc.settings.uploads_dir, record["source"]["file_id"])
+    if record.upload_id:
+        files.remove_upload(svc.settings.uploads_dir, record.upload_id)
     notify_end(svc.redis, record)
-    return Cancelled(task_id=task_id, status=record["status"])
+    return Cancelled(task_id=task_id, status=record.status)

@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from morag import files, subtitles
 from morag.api.deps import AuthFailure, _matches, accept_upload, services, wait_for_end
 from morag.api.errors import ApiError
-from morag.jobs import SUCCEEDED, Record
+from morag.job_record import JobRecord, Result
+from morag.jobs import QUEUED, RUNNING, SUCCEEDED
 from morag.submission import BadInput, Services, submit
 
 DEFAULT_MODEL = "whisper-1"  # OpenAI's name; here: the configured MORAG_WHISPER_MODEL
@@ -155,58 +156,66 @@ def _check_model(model: str, svc: Services) -> None:
         )
 
 
-def _submit(svc: Services, upload: UploadFile, options: dict[str, Any], gpu: bool) -> Record:
+def _submit(svc: Services, upload: UploadFile, options: dict[str, Any], gpu: bool) -> JobRecord:
     accepted = accept_upload(svc, upload, {})
-    if accepted["content_type"] not in SPEECH_TYPES:
-        files.remove_upload(svc.settings.uploads_dir, accepted["source"]["file_id"])
+    if accepted.content_type not in SPEECH_TYPES:
+        if accepted.source.file_id:
+            files.remove_upload(svc.settings.uploads_dir, accepted.source.file_id)
         raise BadInput(
             415,
-            f"{upload.filename or 'the file'} is {accepted['content_type']}, not audio or "
+            f"{upload.filename or 'the file'} is {accepted.content_type}, not audio or "
             "video: nothing to transcribe",
         )
-    return submit(svc, kind="process", options=options, gpu=gpu, **accepted)
+    return submit(
+        svc,
+        kind="process",
+        content_type=accepted.content_type,
+        source=accepted.source,
+        options=options,
+        gpu=gpu,
+    )
 
 
-def _headers(record: Record) -> dict[str, str]:
-    route = record.get("route") or {}
+def _headers(record: JobRecord) -> dict[str, str]:
     return {
-        "X-MoRAG-Task-Id": record["task_id"],
-        "X-MoRAG-Queue": str(route.get("queue", "")),
-        "X-MoRAG-Route": str(route.get("code", "")),
+        "X-MoRAG-Task-Id": record.task_id,
+        "X-MoRAG-Queue": record.route.queue,
+        "X-MoRAG-Route": record.route.code,
     }
 
 
-def _verbose(result: dict[str, Any], task: str, granularities: list[str]) -> dict[str, Any]:
-    meta = result.get("metadata") or {}
-    segments = result.get("segments") or []
+def _verbose(result: Result, task: str, granularities: list[str]) -> dict[str, Any]:
+    meta = result.metadata
+    segments = result.segments or []
     body: dict[str, Any] = {
         "task": task,
         "language": meta.get("language") or "en",
         "duration": float(meta.get("duration") or 0.0),
-        "text": result.get("content", ""),
+        "text": result.content,
         "usage": _usage(meta),
     }
     if "segment" in granularities or not granularities:
+        # Decoding details (tokens, scores) are extra members of a segment (segment_details).
         body["segments"] = [
             {
-                "id": s.get("id", n),
-                "seek": s.get("seek", 0),
-                "start": s["start"],
-                "end": s["end"],
-                "text": s["text"],
-                "tokens": s.get("tokens", []),
-                "temperature": s.get("temperature") or 0.0,
-                "avg_logprob": s.get("avg_logprob", 0.0),
-                "compression_ratio": s.get("compression_ratio", 0.0),
-                "no_speech_prob": s.get("no_speech_prob", 0.0),
+                "id": getattr(s, "id", n),
+                "seek": getattr(s, "seek", 0),
+                "start": s.start,
+                "end": s.end,
+                "text": s.text,
+                "tokens": getattr(s, "tokens", []),
+                "temperature": getattr(s, "temperature", None) or 0.0,
+                "avg_logprob": getattr(s, "avg_logprob", 0.0),
+                "compression_ratio": getattr(s, "compression_ratio", 0.0),
+                "no_speech_prob": getattr(s, "no_speech_prob", 0.0),
             }
             for n, s in enumerate(segments)
         ]
     if "word" in granularities:
         body["words"] = [
-            {"word": w["word"].strip(), "start": w["start"], "end": w["end"]}
+            {"word": w.word.strip(), "start": w.start, "end": w.end}
             for s in segments
-            for w in s.get("words") or []
+            for w in s.words or []
         ]
     return body
 
@@ -216,17 +225,17 @@ def _usage(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(
-    result: dict[str, Any], fmt: str, task: str, granularities: list[str], headers: dict[str, str]
+    result: Result, fmt: str, task: str, granularities: list[str], headers: dict[str, str]
 ) -> Response | BaseModel:
     if fmt == "text":
-        return PlainTextResponse(result.get("content", "") + "\n", headers=headers)
+        return PlainTextResponse(result.content + "\n", headers=headers)
     if fmt in subtitles.FORMATS:
         media = "text/vtt" if fmt == "vtt" else "text/plain"
-        text = subtitles.render(fmt, result.get("segments") or [])
-        return PlainTextResponse(text, media_type=media, headers=headers)
+        segments = [s.model_dump() for s in result.segments or []]
+        return PlainTextResponse(subtitles.render(fmt, segments), media_type=media, headers=headers)
     if fmt == "verbose_json":
         return TranscriptionVerbose.model_validate(_verbose(result, task, granularities))
-    return Transcription(text=result.get("content", ""), usage=_usage(result.get("metadata") or {}))
+    return Transcription(text=result.content, usage=_usage(result.metadata))
 
 
 async def _run(
@@ -269,22 +278,23 @@ async def _run(
         record = await run_in_threadpool(_submit, svc, file, options, use_gpu)
     except BadInput as exc:
         raise ApiError(exc.status, exc.detail, param="file") from exc
-    final = await wait_for_end(svc, record["task_id"], svc.settings.openai_wait) or record
+    final = await wait_for_end(svc, record.task_id, svc.settings.openai_wait) or record
     headers = _headers(final)
-    if final["status"] == SUCCEEDED:
+    if final.status == SUCCEEDED:
         response.headers.update(headers)
-        return render(final["result"] or {}, fmt, task, granularities, headers)
-    if final["status"] in ("queued", "running"):
+        result = final.result or Result(content="")
+        return render(result, fmt, task, granularities, headers)
+    if final.status in (QUEUED, RUNNING):
         raise ApiError(
             504,
             f"no result within {svc.settings.openai_wait:.0f}s; the job goes on: "
-            f"GET /api/v1/status/{final['task_id']}",
+            f"GET /api/v1/status/{final.task_id}",
             "timeout",
             headers=headers,
         )
     raise ApiError(
         400,
-        f"transcription failed (job {final['task_id']}): {final['error'] or final['status']}",
+        f"transcription failed (job {final.task_id}): {final.error or final.status}",
         "processing_failed",
         param="file",
         headers=headers,

@@ -17,7 +17,8 @@ from morag.api.deps import ApiKey, accept_upload, bad_input, limit_body, service
 from morag.api.errors import ApiError
 from morag.api.params import check_options, one_gpu_flag
 from morag.api.schemas import Processed, ProcessUrl, StillRunning, errors
-from morag.jobs import SUCCEEDED, Record
+from morag.job_record import JobRecord, Source
+from morag.jobs import QUEUED, RUNNING, SUCCEEDED
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
 
 router = APIRouter(
@@ -31,22 +32,22 @@ router = APIRouter(
 )
 
 
-async def _answer(svc: Services, record: Record, started: float) -> Processed | JSONResponse:
-    final = await wait_for_end(svc, record["task_id"], svc.settings.process_wait)
+async def _answer(svc: Services, record: JobRecord, started: float) -> Processed | JSONResponse:
+    final = await wait_for_end(svc, record.task_id, svc.settings.process_wait)
     final = final or record
-    if final["status"] == SUCCEEDED:
+    if final.status == SUCCEEDED and final.result is not None:
         return Processed(
-            task_id=final["task_id"],
-            route=final["route"],
-            result=final["result"],
+            task_id=final.task_id,
+            route=final.route,
+            result=final.result,
             processing_time=round(time.monotonic() - started, 3),
         )
-    if final["status"] in ("queued", "running"):
-        body = StillRunning(task_id=final["task_id"], route=final["route"], status=final["status"])
+    if final.status in (QUEUED, RUNNING):
+        body = StillRunning(task_id=final.task_id, route=final.route, status=final.status)
         return JSONResponse(body.model_dump(mode="json"), status_code=202)
     raise ApiError(
         422,
-        f"processing failed (job {final['task_id']}): {final['error'] or final['status']}",
+        f"processing failed (job {final.task_id}): {final.error or final.status}",
         "processing_failed",
     )
 
@@ -70,7 +71,14 @@ async def process_file(
         opts = check_options(parse_json_object(options, "options"))
         accepted = await run_in_threadpool(accept_upload, svc, file, opts)
         record = await run_in_threadpool(
-            lambda: submit(svc, kind="process", options=opts, gpu=use_gpu, **accepted)
+            lambda: submit(
+                svc,
+                kind="process",
+                content_type=accepted.content_type,
+                source=accepted.source,
+                options=opts,
+                gpu=use_gpu,
+            )
         )
     except BadInput as exc:
         raise bad_input(exc) from exc
@@ -99,7 +107,7 @@ async def process_url(
                 svc,
                 kind="process",
                 content_type=content_type,
-                source={"type": "url", "url": body.url},
+                source=Source.link(body.url),
                 options=opts,
                 gpu=use_gpu,
             )

@@ -14,7 +14,6 @@ from morag.api.errors import ApiError
 from morag.api.params import Paging, paging
 from morag.api.schemas import BatchStatus, Job, JobPage, QueuesAnswer, QueueStats, errors
 from morag.config import DECLARED_QUEUES
-from morag.jobs import public_view
 from morag.submission import Services
 
 router = APIRouter(
@@ -27,7 +26,7 @@ def active_jobs(page: Paging = Depends(paging), svc: Services = Depends(services
     """Queued and running jobs, oldest id first (ids are random: the order is stable, not
     chronological), one page at a time."""
     ids = svc.store.active_ids()
-    jobs = [public_view(r) for r in svc.store.get_many(page.cut(ids))]
+    jobs = [r.public() for r in svc.store.get_many(page.cut(ids))]
     return JobPage(total=len(ids), count=len(jobs), offset=page.offset, limit=page.limit, jobs=jobs)
 
 
@@ -54,7 +53,7 @@ def batch_status(batch_id: str, svc: Services = Depends(services)) -> BatchStatu
     return BatchStatus(
         batch_id=batch_id,
         total=len(task_ids),
-        counts=dict(Counter(r["status"] for r in records)),
+        counts=dict(Counter(r.status.value for r in records)),
         task_ids=task_ids,
     )
 
@@ -70,4 +69,4 @@ async def job_status(
     record = await wait_for_end(svc, task_id, wait)
     if record is None:
         raise ApiError(404, f"unknown task id {task_id}")
-    return Job.model_validate(public_view(record))
+    return record.public()
