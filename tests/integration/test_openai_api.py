@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.integration.media import speech_video
-from tests.integration.stack import API_KEY, Stack
+from tests.integration.stack import API_KEY, Stack, stack_on_own_redis, wait_until
 
 SRT_CUE = re.compile(r"^1\n\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}\n\S", re.M)
 VTT_CUE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}\n\S", re.M)
@@ -53,7 +53,7 @@ def test_sdk_verbose_json_with_word_and_segment_timestamps(
             language="en",
             temperature=0,
         )
-    assert result.language == "en" and result.duration > 1
+    assert result.language == "english" and result.duration > 1  # as OpenAI names it
     assert result.segments and result.segments[0].end > result.segments[0].start
     assert result.segments[0].tokens, "verbose segments carry their token ids"
     words = [w.word.lower().strip(".,") for w in result.words]
@@ -288,3 +288,29 @@ def test_error_codes_are_the_same_with_and_without_a_body(stack: Stack) -> None:
         "code": "not_found",
     }
     assert batch.json()["code"] == "not_found"
+
+
+def test_a_client_that_disconnects_cancels_its_transcription(
+    tmp_path: Path, speech_wav: Path
+) -> None:
+    """No worker runs here, so the job stays queued; the client gives up after 2 s. The
+    answer was its only way to the result: the job ends cancelled and its upload goes."""
+    with stack_on_own_redis(tmp_path) as (stack, _redis):
+        stack.start_api()
+        with open(speech_wav, "rb") as f, pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{stack.api_url}/v1/audio/transcriptions",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                files={"file": ("speech.wav", f, "audio/wav")},
+                data={"model": "whisper-1"},
+                timeout=httpx.Timeout(30, read=2),
+            )
+
+        def cancelled() -> dict | None:
+            jobs = stack.jobs_in_redis()
+            return jobs[0] if jobs and jobs[0]["status"] == "cancelled" else None
+
+        job = wait_until(cancelled, 15, "the abandoned job to be cancelled")
+        assert job["error"].startswith("cancelled: the client closed the connection")
+        assert not any((stack.shared / "uploads").glob("*")), "the upload was not removed"
+        stack.close()

@@ -185,7 +185,7 @@ RESULT = Result.model_validate(
 def test_verbose_json_from_a_result() -> None:
     body = openai_audio.render(RESULT, "verbose_json", "transcribe", ["word"], {})
     out = body.model_dump()
-    assert out["language"] == "en" and out["duration"] == 2.4 and out["task"] == "transcribe"
+    assert out["language"] == "english" and out["duration"] == 2.4 and out["task"] == "transcribe"
     assert [w["word"] for w in out["words"]] == ["Please", "send", "report."]
     assert out["segments"] is None  # only words were asked for
     both = openai_audio.render(RESULT, "verbose_json", "transcribe", ["segment", "word"], {})
@@ -238,3 +238,12 @@ def test_route_codes_are_documented_on_the_route_model() -> None:
 
     doc = Route.__doc__ or ""
     assert all(code in doc for code in ROUTE_CODES)
+
+
+def test_language_names_cover_what_faster_whisper_detects() -> None:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+    from morag.api.languages import WHISPER_LANGUAGES, language_name
+
+    assert set(WHISPER_LANGUAGES) == set(_LANGUAGE_CODES)
+    assert language_name("en") == "english" and language_name("yue") == "cantonese"
+    assert language_name("xx") == "xx" and language_name(None) == "english"

@@ -553,13 +553,13 @@ class JobStore:
             return None
         return record
 
-    def cancel(self, task_id: str) -> JobRecord | None:
+    def cancel(self, task_id: str, reason: str = "cancelled by the client") -> JobRecord | None:
         def change(record: JobRecord, holder: str | None) -> JobRecord | None:
             if record.status in TERMINAL:
                 return None
             _close_open_attempt(record, "cancelled")
             record.status = CANCELLED
-            record.error = "cancelled by the client"
+            record.error = reason
             return record
 
         return self.update(task_id, change, lease=None, on_commit=metrics.job_ended)

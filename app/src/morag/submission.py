@@ -13,17 +13,17 @@ import redis
 from kombu.exceptions import OperationalError
 from prometheus_client import CollectorRegistry
 
-from morag import metrics_export, urls
-from morag.celery_app import dispatch
+from morag import files, metrics_export, urls
+from morag.celery_app import celery_app, dispatch
 from morag.config import Settings
 from morag.fleet import CachedFleet
 from morag.job_record import JobRecord, Source
-from morag.jobs import JobStore, new_record
+from morag.jobs import CANCELLED, JobStore, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.routing import decide_route
 from morag.runtime import job_store
-from morag.webhooks import webhook_view
+from morag.webhooks import notify_end, webhook_view
 
 log = logging.getLogger("morag.submission")
 
@@ -167,4 +167,20 @@ def submit(
         raise BrokerUnavailable(
             f"the job queue is unavailable ({type(exc).__name__}); try again later"
         ) from exc
+    return record
+
+
+def cancel(
+    services: Services, task_id: str, reason: str = "cancelled by the client"
+) -> JobRecord | None:
+    """End a queued or running job: the record first, then its worker is told to stop (a
+    queued message is skipped when delivered), its upload removed and its webhook sent.
+    None when the job had ended already (or is unknown)."""
+    record = services.store.cancel(task_id, reason)
+    if record is None or record.status != CANCELLED:
+        return None
+    celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
+    if record.upload_id:
+        files.remove_upload(services.settings.uploads_dir, record.upload_id)
+    notify_end(services.redis, record)
     return record

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,13 +156,22 @@ def accept_upload(svc: Services, upload: UploadFile, options: dict[str, Any]) ->
     return AcceptedUpload(content_type, source)
 
 
-async def wait_for_end(svc: Services, task_id: str, seconds: float) -> JobRecord | None:
-    """Poll the job record until it ends or ``seconds`` pass (long-poll helper)."""
+async def wait_for_end(
+    svc: Services,
+    task_id: str,
+    seconds: float,
+    *,
+    stop: Callable[[], Awaitable[bool]] | None = None,
+) -> JobRecord | None:
+    """Poll the job record until it ends, ``seconds`` pass or ``stop()`` says to give up
+    (the client went away); the record as last read (long-poll helper)."""
     deadline = time.monotonic() + seconds
     delay = 0.05
     while True:
         record = await run_in_threadpool(svc.store.get, task_id)
         if record is None or record.status in TERMINAL or time.monotonic() >= deadline:
+            return record
+        if stop is not None and await stop():
             return record
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 0.5)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from morag import files, urls
+from morag import urls
 from morag.api.deps import ApiKey, accept_upload, bad_input, limit_body, services
 from morag.api.errors import ApiError
 from morag.api.params import check_options
@@ -19,11 +19,10 @@ from morag.api.schemas import (
     IngestUrl,
     errors,
 )
-from morag.celery_app import celery_app
 from morag.job_record import JobRecord, Source
-from morag.jobs import CANCELLED, TERMINAL, new_id
+from morag.jobs import TERMINAL, new_id
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
-from morag.webhooks import notify_end
+from morag.submission import cancel as cancel_job
 
 router = APIRouter(
     prefix="/api/v1/ingest",
@@ -145,12 +144,7 @@ def cancel(task_id: str, svc: Services = Depends(services)) -> Cancelled:
         raise ApiError(404, f"unknown task id {task_id}")
     if record.status in TERMINAL:
         raise ApiError(409, f"job {task_id} already ended: {record.status}", "already_ended")
-    record = svc.store.cancel(task_id)
-    if record is None or record.status != CANCELLED:
+    cancelled = cancel_job(svc, task_id)
+    if cancelled is None:
         raise ApiError(409, f"job {task_id} ended before it could be cancelled", "already_ended")
-    # Stop it if a worker is running it; a queued message is skipped when delivered.
-    celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
-    if record.upload_id:
-        files.remove_upload(svc.settings.uploads_dir, record.upload_id)
-    notify_end(svc.redis, record)
-    return Cancelled(task_id=task_id, status=record.status)
+    return Cancelled(task_id=task_id, status=cancelled.status)

@@ -23,9 +23,11 @@ from starlette.concurrency import run_in_threadpool
 from morag import files, subtitles
 from morag.api.deps import AuthFailure, _matches, accept_upload, services, wait_for_end
 from morag.api.errors import ApiError
+from morag.api.languages import language_name
 from morag.job_record import JobRecord, Result
 from morag.jobs import QUEUED, RUNNING, SUCCEEDED
 from morag.submission import BadInput, Services, submit
+from morag.submission import cancel as cancel_job
 
 DEFAULT_MODEL = "whisper-1"  # OpenAI's name; here: the configured MORAG_WHISPER_MODEL
 SPEECH_TYPES = ("audio", "video")
@@ -138,6 +140,8 @@ def require_bearer(request: Request, authorization: str | None = Header(default=
         ) from exc
 
 
+CLIENT_GONE = "cancelled: the client closed the connection before the transcription ended"
+
 router = APIRouter(prefix="/v1/audio", tags=["openai"], dependencies=[Depends(require_bearer)])
 
 
@@ -189,7 +193,7 @@ def _verbose(result: Result, task: str, granularities: list[str]) -> dict[str, A
     segments = result.segments or []
     body: dict[str, Any] = {
         "task": task,
-        "language": meta.get("language") or "en",
+        "language": language_name(meta.get("language")),
         "duration": float(meta.get("duration") or 0.0),
         "text": result.content,
         "usage": _usage(meta),
@@ -252,6 +256,7 @@ async def _run(
     vad_filter: bool,
     gpu: bool | None,
     response: Response,
+    request: Request,
 ) -> Any:
     _check_model(model, svc)
     if granularities and fmt != "verbose_json":
@@ -278,7 +283,17 @@ async def _run(
         record = await run_in_threadpool(_submit, svc, file, options, use_gpu)
     except BadInput as exc:
         raise ApiError(exc.status, exc.detail, param="file") from exc
-    final = await wait_for_end(svc, record.task_id, svc.settings.openai_wait) or record
+    final = (
+        await wait_for_end(
+            svc, record.task_id, svc.settings.openai_wait, stop=request.is_disconnected
+        )
+        or record
+    )
+    if final.status in (QUEUED, RUNNING) and await request.is_disconnected():
+        # The answer is the only way to the result here: nobody will read it, so the
+        # fleet stops working on it (as OpenAI's own endpoint does).
+        await run_in_threadpool(cancel_job, svc, final.task_id, CLIENT_GONE)
+        return Response(status_code=499)  # "client closed request"; no one receives it
     headers = _headers(final)
     if final.status == SUCCEEDED:
         response.headers.update(headers)
@@ -322,6 +337,7 @@ _PROMPT = Form(default=None, max_length=2000)
 )
 async def transcriptions(
     response: Response,
+    request: Request,
     file: UploadFile = File(..., description="audio or video"),
     model: str = _MODEL,
     language: str | None = Form(default=None, min_length=2, max_length=8),
@@ -348,6 +364,7 @@ async def transcriptions(
         vad_filter=vad_filter,
         gpu=gpu,
         response=response,
+        request=request,
     )
 
 
@@ -359,6 +376,7 @@ async def transcriptions(
 )
 async def translations(
     response: Response,
+    request: Request,
     file: UploadFile = File(..., description="audio or video"),
     model: str = _MODEL,
     prompt: str | None = _PROMPT,
@@ -381,4 +399,5 @@ async def translations(
         vad_filter=vad_filter,
         gpu=gpu,
         response=response,
+        request=request,
     )
