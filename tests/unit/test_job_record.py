@@ -48,3 +48,15 @@ def test_a_new_record_round_trips_through_its_json() -> None:
     upload = Source.upload(file_id="abc", sha256="0" * 64, size=1, filename="talk.mp3")
     assert record.model_copy(update={"source": upload}).upload_id == "abc"
     assert upload.label == "talk.mp3"
+
+
+def test_a_record_from_before_route_codes_is_still_read() -> None:
+    stored = new_record(
+        kind="process",
+        content_type="audio",
+        source=Source.link("https://example.org/a.mp3"),
+        options={},
+        route=Route(queue="celery", gpu_requested=False, code="not_requested", reason="r"),
+    ).model_dump(mode="json")
+    del stored["route"]["code"]
+    assert JobRecord.model_validate(stored).route.code == "unknown"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 # A str enum: JSON holds the plain strings, and ``status == "queued"`` still holds.
@@ -54,6 +54,14 @@ class Route(Open):
     gpu_requested: bool
     code: str = Field(examples=["gpu_worker"])
     reason: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_records(cls, data: Any) -> Any:
+        # Records written before route codes existed are read as code "unknown".
+        if isinstance(data, dict) and "code" not in data:
+            return {**data, "code": "unknown"}
+        return data
 
 
 class Attempt(Open):
@@ -174,8 +182,9 @@ class JobRecord(Job):
     store_resend_at: float | None = None  # epoch seconds: when the store message is resent
 
     def public(self) -> Job:
-        """What clients see (internal bookkeeping stays out)."""
-        return Job.model_validate(self.model_dump(include=set(Job.model_fields)))
+        """What clients see (internal bookkeeping stays out). The fields were validated when
+        the record was read: no second validation of a long transcript."""
+        return Job.model_construct(**{name: getattr(self, name) for name in Job.model_fields})
 
     @property
     def upload_id(self) -> str | None:
