@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,27 +38,47 @@ class RedisServer:
         return db
 
 
-@contextlib.contextmanager
-def running_redis(workdir: Path) -> Iterator[RedisServer]:
-    """A throwaway redis-server on a free loopback port, with a password, no persistence."""
+def spawn_redis(workdir: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start redis-server on loopback without RDB snapshots, in ``workdir``; ``args`` add the
+    port, persistence, password, ACL users, TLS. The one place tests start Redis."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
-    port = free_port()
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--requirepass", REDIS_PASSWORD, "--databases", "256", "--dir", str(workdir)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    server = RedisServer(port)
-    client = redis.Redis.from_url(server.url())
+    command = [exe, "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir), *args]
+    if log is None:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 50 ms until it is true; RuntimeError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def answers(client: redis.Redis) -> bool:
     try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server on a free loopback port, with a password, no persistence."""
+    port = free_port()
+    proc = spawn_redis(
+        workdir,
+        *["--port", str(port), "--appendonly", "no", "--requirepass", REDIS_PASSWORD],
+        *["--databases", "256"],
+    )
+    server = RedisServer(port)
+    try:
+        wait_for(lambda: answers(redis.Redis.from_url(server.url())), 5, "redis-server")
         yield server
     finally:
         proc.terminate()

@@ -260,24 +260,15 @@ class OwnRedis:
         return redis.Redis.from_url(self.url(), socket_timeout=5)
 
     def start(self) -> None:
-        from tests.conftest import REDIS_PASSWORD
+        from tests.conftest import REDIS_PASSWORD, answers, spawn_redis
 
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.dir)]
-        args += ["--requirepass", REDIS_PASSWORD]
-        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-
-        def answers() -> bool:
-            try:
-                return bool(self.client().ping())
-            except redis.RedisError:
-                return False
-
-        wait_until(answers, 30, "redis-server to answer", interval=0.05)
+        self.proc = spawn_redis(
+            self.dir,
+            *["--port", str(self.port), "--requirepass", REDIS_PASSWORD],
+            *["--appendonly", "yes", "--appendfsync", "everysec"],
+            log=self.dir / "redis.log",
+        )
+        wait_until(lambda: answers(self.client()), 30, "redis-server to answer", interval=0.05)
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes its AOF and exits (what `systemctl restart` does)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import shutil
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from tests import redis_acl
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_redis
 from tests.integration import media
 from tests.integration.conftest import _dump_logs
 from tests.integration.stack import Stack, wait_until
@@ -75,11 +74,8 @@ def _ca_and_server_cert(d: Path) -> tuple[Path, Path, Path]:
 
 @contextlib.contextmanager
 def _acl_redis_server(workdir: Path, tls: bool) -> Iterator[AclRedis]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: run `make test` (it installs it)")
     port = free_port()
-    args = [exe, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    args = ["--appendonly", "no"]
     ca = None
     if tls:
         # As the role does off loopback: TLS only, the plain port closed.
@@ -96,7 +92,7 @@ def _acl_redis_server(workdir: Path, tls: bool) -> Iterator[AclRedis]:
     else:
         args += ["--port", str(port)]
     args += ["--requirepass", ADMIN_PASSWORD, *redis_acl.server_args()]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    proc = spawn_redis(workdir, *args)
     server = AclRedis(port, ca)
     try:
         wait_until(lambda: _pings(server), 10, "redis-server with the role's ACL users")
