@@ -192,6 +192,25 @@ def facts_capture() -> None:
         return {"rc": rc, "lspci": out, "sysfs": captures["lspci-sysfs"]}
 
 
+def plan_facts(plan: Any, parsed: dict[str, Any]) -> dict[str, Any]:
+    """The nvidia_driver role's facts for an Ubuntu 24.04 host (a captured fact file) with
+    the GPUs and NVSwitches ``parsed`` from lspci: the role's defaults, open modules."""
+    facts = json.loads(FACTS.read_text())["facts"]
+    facts.update(
+        source="distribution",
+        branch=plan.DEFAULT_BRANCH,
+        kernel_modules="open",
+        container_mode=False,
+        ubuntu_signed_modules=True,
+        version="",
+        gpus=parsed["gpus"],
+        nvswitch_count=len(parsed["nvswitches"]),
+        kernel_meta_packages=plan.kernel_meta_packages(facts["packages"], facts["distribution"]),
+    )
+    facts.setdefault("installed_kernels", [facts["kernel"]])
+    return facts
+
+
 def decisions() -> None:
     plan = load(PLAN, "nvidia_driver_plan")
     gpus_mod = load(WORKER_GPUS, "morag_worker_gpus")
@@ -202,21 +221,7 @@ def decisions() -> None:
     @step("nvidia_driver_plan")
     def _():
         parsed = plan.parse_lspci(lspci)
-        facts = json.loads(FACTS.read_text())["facts"]
-        facts.update(
-            source="distribution",
-            branch="580",
-            kernel_modules="open",
-            container_mode=False,
-            ubuntu_signed_modules=True,
-            version="",
-            gpus=parsed["gpus"],
-            nvswitch_count=len(parsed["nvswitches"]),
-            kernel_meta_packages=plan.kernel_meta_packages(
-                facts["packages"], facts["distribution"]
-            ),
-        )
-        facts.setdefault("installed_kernels", [facts["kernel"]])
+        facts = plan_facts(plan, parsed)
         decided = plan.plan(facts)
         return {
             "parsed": parsed,

@@ -40,6 +40,7 @@ def _load(name: str, path: str):
 
 plan = _load("nvidia_driver_plan", "roles/nvidia_driver/filter_plugins/nvidia_driver_plan.py")
 mw = _load("morag_worker_gpus", "roles/morag_worker/filter_plugins/morag_worker_gpus.py")
+gpu_check = _load("gpu_check", "tests/device/gpu_check.py")  # the script that made the captures
 
 
 def smi_q(field: str) -> str:
@@ -83,18 +84,7 @@ def test_lspci_decisions_match_what_the_driver_says() -> None:
 
 def test_the_plan_for_this_gpu_on_ubuntu_2404() -> None:
     parsed = plan.parse_lspci(captured("device-h100-sxm-lspci-sysfs.txt"))
-    facts = json.loads((DATA / "facts-ubuntu2404.json").read_text())["facts"]
-    facts.update(
-        source="distribution",
-        branch="580",
-        kernel_modules="open",
-        container_mode=False,
-        ubuntu_signed_modules=True,
-        version="",
-        gpus=parsed["gpus"],
-        nvswitch_count=0,
-        kernel_meta_packages=plan.kernel_meta_packages(facts["packages"], facts["distribution"]),
-    )
+    facts = gpu_check.plan_facts(plan, parsed)
     decided = plan.plan(facts)
     assert decided["errors"] == []
     assert not decided["fabricmanager"]
