@@ -152,3 +152,34 @@ def test_requeue_and_store_hand_over_write_their_outbox_entry_with_the_record(
     assert store.hand_to_store(handed, "gpu0@h/1", result={"content": "x", "metadata": {}})
     assert sorted(store.outbox_due()) == sorted([fallback, handed])
     assert str(store.get(handed).waiting_for).startswith("a morag-store worker")
+
+
+def test_a_worker_that_cannot_process_a_job_hands_it_back(redis_server: RedisServer) -> None:
+    store = _store(redis_server)
+    store.outbox_grace = 0.0
+    record = new_record(
+        kind="process",
+        content_type="audio",
+        source=Source.link("https://example.org/x"),
+        options={},
+        route=ROUTE,
+    )
+    store.create(record)
+    store.sent(record.task_id)
+    first = store.decline(record.task_id, "cpu0@h", queue="celery")
+    assert first is not None and not first.repeat
+    assert first.record.status == "queued" and first.record.declined_by == ["cpu0@h"]
+    assert str(first.record.waiting_for).startswith("a worker on celery that offers audio")
+    assert store.outbox_due() == [record.task_id]  # the message the caller sends again
+    again = store.decline(record.task_id, "cpu0@h", queue="celery")
+    assert again is not None and again.repeat and again.record.declined_by == ["cpu0@h"]
+    # Once a capable worker runs it, a late duplicate message is dropped, not sent again.
+    claim = store.claim(
+        record.task_id,
+        owner="cpu1@h/1",
+        attempt=ATTEMPT,
+        max_deliveries=3,
+        owner_is_dead=lambda _: False,
+    )
+    assert claim.run and claim.record is not None and claim.record.waiting_for is None
+    assert store.decline(record.task_id, "cpu0@h", queue="celery") is None

@@ -50,3 +50,38 @@ def test_a_worker_with_a_corrupt_model_is_not_offered_audio(
     job = stack.job(body["task_id"])
     assert job["status"] == "succeeded"
     assert [a["worker"] for a in job["attempts"]] == ["cpu0@goodmodel"]
+
+
+def test_a_cpu_worker_with_a_corrupt_model_hands_audio_jobs_back(
+    make_stack: Callable[..., Stack], tmp_path: Path, speech_wav: Path
+) -> None:
+    """Both CPU workers consume the one celery queue, so routing cannot keep audio from the
+    worker whose model is broken: that worker sends the job back instead of failing it. With
+    only that worker alive the job waits (and says for what); a healthy worker then runs it."""
+    good = Path(str(models.stage("tiny.en", str(get_model_path()), tmp_path / "good")["path"]))
+    bad = Path(str(models.stage("tiny.en", str(get_model_path()), tmp_path / "bad")["path"]))
+    with (bad / "model.bin").open("r+b") as weights:
+        weights.seek(4096)
+        weights.write(b"\0" * 16)
+
+    stack = make_stack()
+    stack.start_api()
+    stack.start_worker("cpu0@badmodel", "celery", whisper_model=bad)
+    accepted = stack.ingest(speech_wav, gpu=False)
+    task_id = accepted["task_id"]
+
+    def waiting() -> dict | None:
+        job = stack.job(task_id)
+        return job if "cpu0@badmodel do not" in str(job.get("waiting_for")) else None
+
+    job = wait_until(waiting, 30, "the job to wait for a worker that offers audio")
+    assert job["status"] == "queued" and job["attempts"] == []
+    assert "a worker on celery that offers audio" in job["waiting_for"]
+
+    stack.start_worker("cpu1@goodmodel", "celery", whisper_model=good)
+    done = stack.wait_job(task_id, timeout=120)
+    assert done["status"] == "succeeded", done
+    assert [a["worker"] for a in done["attempts"]] == ["cpu1@goodmodel"]
+    assert done["waiting_for"] is None
+    log = (stack.logs / "cpu0_badmodel.log").read_text()
+    assert "does not offer audio; sent back to celery" in log

@@ -27,6 +27,7 @@ from morag.webhooks import notify_end
 log = logging.getLogger("morag.execution")
 
 PROGRESS_EVERY = 0.5  # seconds between progress writes
+DECLINE_PAUSE = 2.0  # seconds a worker waits before sending back a job it declined before
 
 T = TypeVar("T")
 
@@ -63,20 +64,59 @@ def owner_is_dead(holder: str, my_worker: str) -> bool:
     return name == my_worker and pid.isdigit() and not _pid_alive(int(pid))
 
 
-def _rescue_route(rt: Runtime, queue: str, worker: str) -> Route | None:
+def _own_heartbeat(rt: Runtime, worker: str) -> dict[str, Any] | None:
+    """This worker's heartbeat as its supervisor published it (queues, processors)."""
+    raw = rt.redis.get(fleet.heartbeat_key(worker))
+    return json.loads(raw) if raw else None
+
+
+def _rescue_route(beat: dict[str, Any] | None, queue: str, worker: str) -> Route | None:
     """A job taken from gpu-tasks by a worker not configured for it (its heartbeat's
     ``queues``) is a rescue. Only gpu=true jobs are ever routed to gpu-tasks."""
-    if queue != GPU_QUEUE:
-        return None
-    raw = rt.redis.get(fleet.heartbeat_key(worker))
-    if not raw or GPU_QUEUE in json.loads(raw).get("queues", []):
+    if queue != GPU_QUEUE or beat is None or GPU_QUEUE in beat.get("queues", []):
         return None
     return rescued_route(gpu_requested=True, worker=worker)
+
+
+def _declined(
+    rt: Runtime, task_id: str, beat: dict[str, Any] | None, queue: str, worker: str
+) -> bool:
+    """A worker that does not offer the job's content type (its Whisper model cannot load,
+    an extra is not installed) hands the job back instead of failing it: True when it did."""
+    if beat is None:
+        return False  # no heartbeat yet: nothing says what this worker offers
+    record = rt.store.get(task_id)
+    if record is None or record.content_type in beat.get("processors", []):
+        return False
+    declined = rt.store.decline(task_id, worker, queue=queue)
+    if declined is None:
+        log.info(
+            "job %s (%s) not run here: not offered, and not queued", task_id, record.content_type
+        )
+        return True
+    if declined.repeat:
+        # Only workers that cannot take it are idle: slow the round trip down.
+        time.sleep(DECLINE_PAUSE)
+    log.warning(
+        "job %s: this worker does not offer %s; sent back to %s",
+        task_id,
+        record.content_type,
+        queue,
+    )
+    dispatch(rt.store, task_id, queue)
+    return True
 
 
 def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     owner = f"{worker}/{os.getpid()}"
     device = rt.device.device
+    beat = through_outage(
+        rt, f"reading the heartbeat of {worker}", lambda: _own_heartbeat(rt, worker)
+    )
+    if through_outage(
+        rt, f"checking job {task_id}", lambda: _declined(rt, task_id, beat, queue, worker)
+    ):
+        return
     claim = through_outage(
         rt,
         f"claiming job {task_id}",
@@ -86,7 +126,7 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
             attempt={"queue": queue, "worker": worker, "device": device},
             max_deliveries=rt.settings.max_deliveries,
             owner_is_dead=lambda holder: owner_is_dead(holder, worker),
-            route=_rescue_route(rt, queue, worker),
+            route=_rescue_route(beat, queue, worker),
         ),
     )
     if not claim.run:

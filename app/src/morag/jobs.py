@@ -102,6 +102,14 @@ class Claim:
     record: JobRecord | None = None
 
 
+@dataclass(frozen=True)
+class Decline:
+    """A worker handed a queued job back; ``repeat``: it had declined this job before."""
+
+    record: JobRecord
+    repeat: bool
+
+
 class JobStore:
     """Synchronous job store; the API calls it from its thread pool, workers directly."""
 
@@ -329,6 +337,33 @@ class JobStore:
         if result is None:
             return Claim(False, "unknown job")
         return verdict["c"]
+
+    def decline(self, task_id: str, worker: str, *, queue: str) -> Decline | None:
+        """``worker`` got the message of a queued job it cannot process (it does not offer
+        the job's content type): the job stays queued, says what it waits for, and its
+        outbox entry covers the message the caller sends again. None when the job is not
+        queued (ended, or running elsewhere): the message is dropped, not sent again."""
+        seen = {"repeat": False}
+
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != QUEUED:
+                return None
+            seen["repeat"] = worker in record.declined_by
+            if not seen["repeat"]:
+                record.declined_by.append(worker)
+            record.waiting_for = (
+                f"a worker on {queue} that offers {record.content_type} "
+                f"({', '.join(record.declined_by)} do not)"
+            )
+            return record
+
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
+            pipe.zadd(OUTBOX, {task_id: time.time() + self.outbox_grace})
+
+        record = self.update(task_id, change, on_commit=account)
+        if record is None or record.status != QUEUED:
+            return None
+        return Decline(record, seen["repeat"])
 
     def set_progress(self, task_id: str, owner: str, progress: float) -> None:
         def change(record: JobRecord, holder: str | None) -> JobRecord | None:
