@@ -1,4 +1,4 @@
-"""The job record: the client-facing id, state, route, attempts and result, kept in Redis.
+"""The job store: each job's ``JobRecord`` (morag.job_record) kept in Redis, and its transitions.
 
 Every state change is an optimistic transaction (WATCH/MULTI) so the API (cancel), the
 worker running the job and the orphan watchdog can never overwrite each other: a job
@@ -20,8 +20,6 @@ import redis
 
 from morag import metrics
 from morag.job_record import TERMINAL, Attempt, JobRecord, JobStatus, Result, Route, Source
-
-__all__ = ["TERMINAL", "JobRecord", "JobStatus", "JobStore"]
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     JobStatus.queued,
