@@ -9,8 +9,9 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -51,13 +52,16 @@ def spawn_redis(workdir: Path, *args: str, log: Path | None = None) -> subproces
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 50 ms until it is true; RuntimeError naming ``what``."""
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def answers(client: redis.Redis) -> bool:
@@ -78,7 +82,7 @@ def running_redis(workdir: Path) -> Iterator[RedisServer]:
     )
     server = RedisServer(port)
     try:
-        wait_for(lambda: answers(redis.Redis.from_url(server.url())), 5, "redis-server")
+        wait_until(lambda: answers(redis.Redis.from_url(server.url())), 5, "redis-server", 0.05)
         yield server
     finally:
         proc.terminate()

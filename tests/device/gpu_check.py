@@ -128,6 +128,8 @@ def sysfs_lspci() -> str:
 
 
 def facts_capture() -> None:
+    from morag import devices  # the worker's own query, so the capture is what it reads
+
     @step("host")
     def _():
         return {
@@ -168,11 +170,7 @@ def facts_capture() -> None:
             ("smi-l", ["nvidia-smi", "-L"]),
             (
                 "smi-query-devices",
-                [
-                    "nvidia-smi",
-                    "--query-gpu=index,uuid,pci.bus_id,name,memory.total",
-                    "--format=csv,noheader,nounits",
-                ],
+                ["nvidia-smi", devices.SMI_QUERY, "--format=csv,noheader,nounits"],
             ),
             (
                 "smi-query-role",

@@ -19,22 +19,20 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import (
+    REDIS_PASSWORD,
+    answers,
+    free_port,
+    running_redis,
+    spawn_redis,
+    wait_until,
+)
+
 API_KEY = "test-api-key"
 # The usual test fleet: one worker on the GPU queue (running on CPU), one on the CPU queue.
 FLEET = {"gpu0@test": "gpu-tasks", "cpu0@test": "celery"}
 WORKER_TOKEN = "test-worker-token"
 METRICS_TOKEN = "test-metrics-token"
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Stack:
@@ -244,24 +242,18 @@ class OwnRedis:
     ``appendfsync everysec``), that can be restarted, killed or paused on the same port."""
 
     def __init__(self, workdir: Path) -> None:
-        from tests.conftest import free_port
-
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
-        from tests.conftest import REDIS_PASSWORD
-
         return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url(), socket_timeout=5)
 
     def start(self) -> None:
-        from tests.conftest import REDIS_PASSWORD, answers, spawn_redis
-
         self.proc = spawn_redis(
             self.dir,
             *["--port", str(self.port), "--requirepass", REDIS_PASSWORD],
@@ -310,8 +302,6 @@ def own_redis(workdir: Path) -> Iterator[OwnRedis]:
 @contextlib.contextmanager
 def stack_on_own_redis(root: Path, **settings: Any) -> Iterator[tuple[Stack, OwnRedis]]:
     """A Stack on a Redis of its own (to restart, pause or restrict); logs shown at the end."""
-    from tests.conftest import free_port
-
     with own_redis(root / "redis") as server:
         stack = Stack(server.url(0), root, free_port(), **settings)
         try:
@@ -329,8 +319,6 @@ def stack_on_own_redis(root: Path, **settings: Any) -> Iterator[tuple[Stack, Own
 @contextlib.contextmanager
 def standalone_stack(prefix: str, **settings: Any) -> Iterator[Stack]:
     """Redis and a Stack in a temporary directory, outside pytest (lab, benchmarks)."""
-    from tests.conftest import free_port, running_redis
-
     root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         with running_redis(root) as server:

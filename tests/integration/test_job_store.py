@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import redis
-from morag.job_record import Route, Source
+from morag.job_record import JobRecord, Route, Source
 from morag.jobs import RUNNING, JobStore, new_record
 
 from tests.conftest import RedisServer
@@ -17,7 +17,8 @@ def _store(redis_server: RedisServer) -> JobStore:
     return JobStore(client, ttl=600, lease_ttl=30)
 
 
-def _running(store: JobStore, kind: str = "ingest") -> str:
+def _queued(store: JobStore, kind: str = "process") -> JobRecord:
+    """A new audio job, stored with its outbox entry (its message not sent yet)."""
     record = new_record(
         kind=kind,
         content_type="audio",
@@ -26,6 +27,11 @@ def _running(store: JobStore, kind: str = "ingest") -> str:
         route=ROUTE,
     )
     store.create(record)
+    return record
+
+
+def _running(store: JobStore, kind: str = "ingest") -> str:
+    record = _queued(store, kind)
     claim = store.claim(
         record.task_id,
         owner="gpu0@h/1",
@@ -75,14 +81,7 @@ def test_a_new_record_waits_in_the_outbox_until_its_message_is_sent(
 ) -> None:
     store = _store(redis_server)
     store.outbox_grace = 0.0
-    record = new_record(
-        kind="process",
-        content_type="audio",
-        source=Source.link("https://example.org/x"),
-        options={},
-        route=ROUTE,
-    )
-    store.create(record)
+    record = _queued(store)
     # The sender died here: the reconciler finds the record.
     assert store.outbox_due() == [record.task_id]
     store.sent(record.task_id)
@@ -91,14 +90,7 @@ def test_a_new_record_waits_in_the_outbox_until_its_message_is_sent(
 
 def test_the_api_ends_a_job_whose_message_the_broker_refused(redis_server: RedisServer) -> None:
     store = _store(redis_server)
-    record = new_record(
-        kind="process",
-        content_type="audio",
-        source=Source.link("https://example.org/x"),
-        options={},
-        route=ROUTE,
-    )
-    store.create(record)
+    record = _queued(store)
     failed = store.fail_unsent(record.task_id, "not accepted: broker down")
     assert failed.status == "failed" and failed.error == "not accepted: broker down"
     assert store.outbox_size() == 0 and record.task_id not in store.active_ids()
@@ -157,14 +149,7 @@ def test_requeue_and_store_hand_over_write_their_outbox_entry_with_the_record(
 def test_a_worker_that_cannot_process_a_job_hands_it_back(redis_server: RedisServer) -> None:
     store = _store(redis_server)
     store.outbox_grace = 0.0
-    record = new_record(
-        kind="process",
-        content_type="audio",
-        source=Source.link("https://example.org/x"),
-        options={},
-        route=ROUTE,
-    )
-    store.create(record)
+    record = _queued(store)
     store.sent(record.task_id)
     first = store.decline(record.task_id, "cpu0@h", queue="celery")
     assert first is not None and not first.repeat

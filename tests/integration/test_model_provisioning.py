@@ -19,14 +19,20 @@ from tests.integration.stack import Stack, wait_until
 WHISPER_TYPES = {"audio", "video", "youtube"}
 
 
-def test_a_worker_with_a_corrupt_model_is_not_offered_audio(
-    make_stack: Callable[..., Stack], tmp_path: Path, speech_wav: Path
-) -> None:
+def _good_and_damaged_models(tmp_path: Path) -> tuple[Path, Path]:
+    """Two staged copies of the bundled tiny.en; the second's weights damaged after staging."""
     good = Path(str(models.stage("tiny.en", str(get_model_path()), tmp_path / "good")["path"]))
     bad = Path(str(models.stage("tiny.en", str(get_model_path()), tmp_path / "bad")["path"]))
     with (bad / "model.bin").open("r+b") as weights:
         weights.seek(4096)
         weights.write(b"\0" * 16)
+    return good, bad
+
+
+def test_a_worker_with_a_corrupt_model_is_not_offered_audio(
+    make_stack: Callable[..., Stack], tmp_path: Path, speech_wav: Path
+) -> None:
+    good, bad = _good_and_damaged_models(tmp_path)
 
     stack = make_stack()
     stack.start_api()
@@ -58,11 +64,7 @@ def test_a_cpu_worker_with_a_corrupt_model_hands_audio_jobs_back(
     """Both CPU workers consume the one celery queue, so routing cannot keep audio from the
     worker whose model is broken: that worker sends the job back instead of failing it. With
     only that worker alive the job waits (and says for what); a healthy worker then runs it."""
-    good = Path(str(models.stage("tiny.en", str(get_model_path()), tmp_path / "good")["path"]))
-    bad = Path(str(models.stage("tiny.en", str(get_model_path()), tmp_path / "bad")["path"]))
-    with (bad / "model.bin").open("r+b") as weights:
-        weights.seek(4096)
-        weights.write(b"\0" * 16)
+    good, bad = _good_and_damaged_models(tmp_path)
 
     stack = make_stack()
     stack.start_api()

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tests import redis_acl
-from tests.conftest import free_port, spawn_redis
+from tests.conftest import answers, free_port, spawn_redis
 from tests.integration import media
 from tests.integration.conftest import _dump_logs
 from tests.integration.stack import Stack, wait_until
@@ -95,7 +95,7 @@ def _acl_redis_server(workdir: Path, tls: bool) -> Iterator[AclRedis]:
     proc = spawn_redis(workdir, *args)
     server = AclRedis(port, ca)
     try:
-        wait_until(lambda: _pings(server), 10, "redis-server with the role's ACL users")
+        wait_until(lambda: answers(server.client()), 10, "redis-server with the role's ACL users")
         yield server
     finally:
         proc.terminate()
@@ -112,13 +112,6 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
 def tls_acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
     with _acl_redis_server(tmp_path_factory.mktemp("tlsredis"), tls=True) as server:
         yield server
-
-
-def _pings(server: AclRedis) -> bool:
-    try:
-        return bool(server.client().ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.mark.parametrize("role", redis_acl.ROLES)
