@@ -312,5 +312,10 @@ def test_a_client_that_disconnects_cancels_its_transcription(
 
         job = wait_until(cancelled, 15, "the abandoned job to be cancelled")
         assert job["error"].startswith("cancelled: the client closed the connection")
-        assert not any((stack.shared / "uploads").glob("*")), "the upload was not removed"
+        # The record ends first, the upload goes after the revoke broadcast: wait for it.
+        wait_until(
+            lambda: not any((stack.shared / "uploads").glob("*")),
+            15,
+            "the abandoned job's upload to be removed",
+        )
         stack.close()
