@@ -12,13 +12,14 @@ APT_PACKAGES := python3-venv python3-dev gcc redis-server ffmpeg espeak-ng sox \
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 
 .PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down lab-local \
-        docker images wheelhouse molecule clean
+        docker images wheelhouse molecule worker-unit clean
 
 help:
 	@echo "make lab       bring up the local lab and run the main job (gpu=true audio)"
 	@echo "make lab-down  remove the lab"
 	@echo "make lab-local the same job on local processes, without containers"
 	@echo "make molecule  every molecule scenario (roles, then the multi-host site), timed"
+	@echo "make worker-unit  the worker unit's device access on systemd 247/252/257 (in make molecule)"
 	@echo "make test      install everything and run lint, unit, integration and molecule stages"
 	@echo "make bench     run the benchmarks in tests/bench (not part of make test)"
 
@@ -89,6 +90,10 @@ wheelhouse: venv
 
 molecule: venv docker
 	$(PY) molecule/run.py
+
+# One entry of the molecule stage: tests/systemd in Debian 11/12/13 containers.
+worker-unit: venv docker
+	$(PY) molecule/run.py worker_unit
 
 # The container lab: provisioned by site.yml with inventory/lab; API on 127.0.0.1:8080.
 lab: venv docker

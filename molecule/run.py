@@ -3,6 +3,9 @@ molecule scenario sequentially (2 cores), each timed; print a per-scenario table
 
     python molecule/run.py                 every scenario (roles first, then site)
     python molecule/run.py redis site      only these
+    python molecule/run.py worker_unit     the worker unit's devices on systemd 247/252/257
+
+Entries of PYTEST are pytest files on the same images, not molecule scenarios.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ SCENARIOS = [
     "morag_app",
     "morag_api",
     "morag_worker",
+    "worker_unit",
     "site",
     "firstday",
 ]
+# The hardened worker unit in systemd containers of Debian 11/12/13 (about 20 s; Debian 11's
+# image, built only for it, about a minute more): tests/systemd/test_worker_unit_devices.py.
+PYTEST = {"worker_unit": "tests/systemd"}
 
 
 def run(cmd: list[str], log: Path | None = None) -> bool:
@@ -36,6 +43,7 @@ def run(cmd: list[str], log: Path | None = None) -> bool:
         PY_COLORS="0",
         ANSIBLE_FORCE_COLOR="0",
         NO_COLOR="1",
+        MORAG_REQUIRE_DOCKER="1",
     )
     if log is None:
         return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode == 0
@@ -57,10 +65,13 @@ def main(selected: list[str]) -> int:
     logs = ROOT / ".cache" / "molecule-logs"
     logs.mkdir(parents=True, exist_ok=True)
     results: list[tuple[str, float, bool]] = []
-    for name, cmd in [
-        ("images", ["molecule/images/build.sh"]),
-        ("wheelhouse", ["molecule/images/wheelhouse.sh"]),
-    ]:
+    images = ["molecule/images/build.sh"]
+    if PYTEST.keys() & set(scenarios):
+        images += ["11", "12", "13"]  # Debian 11 only for worker_unit, built beside the others
+    prepare = [("images", images)]
+    if set(scenarios) - PYTEST.keys():  # the wheelhouse only for molecule scenarios
+        prepare.append(("wheelhouse", ["molecule/images/wheelhouse.sh"]))
+    for name, cmd in prepare:
         print(f"=== {name}", flush=True)
         started = time.monotonic()
         ok = run(cmd)
@@ -68,9 +79,16 @@ def main(selected: list[str]) -> int:
         if not ok:
             return report(results, scenarios)
     for scenario in scenarios:
-        print(f"=== molecule test -s {scenario} (log: {logs / scenario}.log)", flush=True)
+        if scenario in PYTEST:
+            # -s: the log keeps the table of what each unit could open.
+            cmd = [sys.executable, "-m", "pytest", "-q", "-s", PYTEST[scenario]]
+            label = f"pytest {PYTEST[scenario]}"
+        else:
+            cmd = ["molecule", "test", "-s", scenario]
+            label = " ".join(cmd)
+        print(f"=== {label} (log: {logs / scenario}.log)", flush=True)
         started = time.monotonic()
-        ok = run(["molecule", "test", "-s", scenario], logs / f"{scenario}.log")
+        ok = run(cmd, logs / f"{scenario}.log")
         results.append((scenario, time.monotonic() - started, ok))
         print(f"    {'pass' if ok else 'FAIL'} in {results[-1][1]:.0f}s", flush=True)
         if not ok:

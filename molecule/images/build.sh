@@ -2,8 +2,10 @@
 # Builds the systemd-ready Debian test images from debootstrap with `docker import`
 # (no registry needed):  morag-test/debian12:latest  and  morag-test/debian13:latest.
 # Used by the molecule scenarios, the site scenario, `make lab` and CI.
+# morag-test/debian11 (bullseye, systemd 247) is built only on request: no role supports
+# Debian 11, but tests/systemd proves the worker unit on systemd older than 252 with it.
 #
-#   molecule/images/build.sh [12] [13]     (default: both)
+#   molecule/images/build.sh [11] [12] [13]     (default: 12 and 13)
 #   FORCE=1 molecule/images/build.sh       (rebuild even if cached)
 #
 # Cached: each image carries the label morag.recipe = sha256 of this script and the
@@ -18,7 +20,7 @@ SECURITY_MIRROR=${MORAG_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-sec
 # userspace NFS checks, iproute2/procps for debugging.
 PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,python3-pip,sudo,ca-certificates,iproute2,procps,libnfs-utils,gnupg,curl
 
-declare -A SUITE=([12]=bookworm [13]=trixie)
+declare -A SUITE=([11]=bullseye [12]=bookworm [13]=trixie)
 HERE=$(cd "$(dirname "$0")" && pwd)
 RECIPE_HASH=$(sha256sum "$HERE/build.sh" | cut -c1-16)
 
@@ -86,7 +88,7 @@ SOURCES
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(12 13)
 for v in "${versions[@]}"; do
-  [ -n "${SUITE[$v]:-}" ] || { echo "unknown Debian version $v (12 or 13)" >&2; exit 2; }
+  [ -n "${SUITE[$v]:-}" ] || { echo "unknown Debian version $v (11, 12 or 13)" >&2; exit 2; }
 done
 pids=()
 for v in "${versions[@]}"; do build_one "$v" & pids+=($!); done
