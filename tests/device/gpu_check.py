@@ -4,8 +4,11 @@ Issue 8 asks that the decisions made without a GPU (``nvidia_driver_plan``,
 ``morag_worker_gpus``, ``morag.devices``, ``morag.gpu_stack``) be fed once with a real
 machine's ``nvidia-smi``, ``lspci`` and ``/proc/driver/nvidia`` output. This script does that
 and, with ``--model`` and ``--audio``, transcribes with the app's own ``AudioProcessor`` on the
-GPU and on the CPU. Nothing here is imported by the app or the tests; its captures become
-test data (tests/data/gpu/*-device-*.txt) with their source.
+GPU and on the CPU. It also runs the worker's CUDA check (``morag gpu-check --json`` and the
+``morag.cuda_check`` probe child alone), whose answers are the passing and failing cases to
+keep as test data. The tests import only ``plan_facts`` from here; its captures become test
+data (tests/data/gpu/device-*) with their source. Without a GPU every step fails soft, so
+running it on a CPU machine checks the script itself.
 
     PYTHONPATH=app/src python tests/device/gpu_check.py --out /tmp/gpu-check \
         [--model DIR --audio WAV] [--cublas-dir DIR]
@@ -28,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -312,6 +316,48 @@ def detection(instance_env: dict[str, str], cublas_dir: str | None) -> None:
         def _():
             path = cublas_dir + ":" + os.environ.get("LD_LIBRARY_PATH", "")
             return worker_exit("cublas-dir", {"LD_LIBRARY_PATH": path})
+
+    def cuda_check(label: str, extra: dict[str, str], argv: list[str]) -> dict[str, Any]:
+        """The worker's CUDA check (morag.cuda_check) with the instance's environment; its
+        answer is kept as a capture (captures/cuda-check-<label>.txt) for the unit tests."""
+        env = {**os.environ, **instance_env, **extra}
+        rc, out, err = run(f"cuda-check-{label}", [sys.executable, *argv], env=env, timeout=300)
+        answer: Any = out[-4000:]
+        for line in reversed(out.splitlines()):
+            text = line.removeprefix("MORAG_CUDA_CHECK ")
+            if text.startswith("{"):
+                answer = json.loads(text)
+                break
+        return {"rc": rc, "answer": answer, "stderr": err[-2000:]}
+
+    gpu_check_cli = ["-m", "morag.cli", "gpu-check", "--json"]
+    probe = ["-m", "morag.cuda_check", "--probe", "--compute-type", "float16"]
+    cache = Path(tempfile.mkdtemp(prefix="morag-cuda-cache-"))
+    with_cublas: dict[str, str] = {"CUDA_CACHE_PATH": str(cache)}
+    if cublas_dir:
+        with_cublas["LD_LIBRARY_PATH"] = cublas_dir + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+
+    @step("CUDA check: morag gpu-check --json, default library path")
+    def _():
+        return cuda_check("cli-default", {"CUDA_CACHE_PATH": str(cache)}, gpu_check_cli)
+
+    @step("CUDA check: morag gpu-check --json, the cuBLAS dir, empty CUDA_CACHE_PATH (PTX JIT)")
+    def _():
+        return cuda_check("cli-cold", with_cublas, gpu_check_cli)
+
+    @step("CUDA check: morag gpu-check --json, the cuBLAS dir, warm CUDA_CACHE_PATH")
+    def _():
+        return cuda_check("cli-warm", with_cublas, gpu_check_cli)
+
+    # The probe alone (no nvidia-smi or library version check first): what CTranslate2 does
+    # on this GPU even where detection refuses the machine's cuBLAS (the H100 had only 13.x).
+    @step("CUDA check: the probe child alone, the cuBLAS dir")
+    def _():
+        return cuda_check("probe", with_cublas, probe)
+
+    @step("CUDA check: the probe child with no GPU visible (CUDA_VISIBLE_DEVICES empty)")
+    def _():
+        return cuda_check("probe-no-gpu", {**with_cublas, "CUDA_VISIBLE_DEVICES": ""}, probe)
 
     @step("gpu_telemetry (NVML)")
     def _():

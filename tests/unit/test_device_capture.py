@@ -7,7 +7,9 @@ GPU by UUID, `morag worker` with MORAG_DEVICE=cuda exited 78 with the messages o
 device-h100-sxm-worker-cuda.txt, and the app's AudioProcessor transcribed on the GPU
 (device-h100-sxm-report.json). These tests feed the same captures to the same code here and
 require the same answers, so a change that would have decided differently on that machine
-fails without one.
+fails without one. With the cuBLAS 12.8 the role installs, that machine is the passing case
+of the CUDA check (morag.cuda_check): its CTranslate2 answers come from the report, through
+the stand-in of tests/unit/cuda_standin; the failing cases are the stand-in's CUDA errors.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
-from morag import devices, gpu_stack
+from morag import cuda_check, devices, gpu_stack
 
+from tests.unit.test_cuda_check import FAILURES, h100_compute_types, standin_env
 from tests.unit.test_devices import MORAG_WORKER, captured, fake_smi, run, worker_env
 from tests.unit.test_gpu_stack import build_stub, needs_cc
 
@@ -161,3 +165,84 @@ def test_the_gpu_transcribed_with_the_app_processor() -> None:
     assert len(words[0] & words[1]) / len(words[0] | words[1]) > 0.8
     # The PTX JIT of CTranslate2's kernels for Hopper is paid once per CUDA_CACHE_PATH.
     assert cold["seconds"][0] > 5 * warm["seconds"][0]
+
+
+def h100_worker_env(tmp_path: Path, plan: str) -> dict[str, str]:
+    """The H100's nvidia-smi, the cuBLAS 12.8 the role installs, the stand-in CTranslate2."""
+    libs = tmp_path / "lib"
+    build_stub(libs, "libcublas.so.12", cublas="12.8.4")
+    base = standin_env(plan)
+    return worker_env(
+        fake_smi(tmp_path / "bin", query=QUERY, listing=LISTING),
+        LD_LIBRARY_PATH=str(libs),
+        CUDA_VISIBLE_DEVICES=UUID,
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+        PYTHONPATH=base["PYTHONPATH"],
+        STANDIN_CUDA=plan,
+        STANDIN_CUDA_TYPES=base["STANDIN_CUDA_TYPES"],
+    )
+
+
+@needs_cc
+def test_the_h100_is_cuda_with_a_passed_check(tmp_path: Path) -> None:
+    # The worker's own decision (runtime.decide_device), as `morag worker` makes it.
+    code = (
+        "import json; from morag.config import Settings; from morag.runtime import "
+        "decide_device; i = decide_device(Settings()); "
+        "print(json.dumps([i.device, [g['uuid'] for g in i.gpus_as_dicts()], "
+        "i.cuda_check.as_dict()]))"
+    )
+    out, _ = run([sys.executable, "-c", code], h100_worker_env(tmp_path, "ok"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    device, uuids, check = json.loads(out.stdout.splitlines()[-1])
+    assert (device, uuids) == ("cuda", [UUID])
+    assert check["passed"] is True and check["check"] == ""
+    assert check["report"]["compute_types"] == sorted(h100_compute_types())
+    assert check["report"]["compute_type"] == "float16"  # the worker's Whisper on a GPU
+
+
+@needs_cc
+@pytest.mark.parametrize("case", ["fabric-manager-802", "cublas-broken", "out-of-memory"])
+def test_the_h100_worker_exits_78_when_cuda_fails_at_first_use(tmp_path: Path, case: str) -> None:
+    plan, reason, check = FAILURES[case]
+    out, _ = run(MORAG_WORKER, h100_worker_env(tmp_path, plan))
+    assert out.returncode == devices.EX_CONFIG, out.stderr[-2000:]
+    [said] = [ln for ln in out.stderr.splitlines() if ln.startswith("morag worker: ")]
+    assert said.startswith(
+        f"morag worker: MORAG_DEVICE=cuda but this worker cannot use CUDA: {reason}. Check "
+    )
+    assert check in said and said.endswith("MORAG_DEVICE=auto would run on CPU instead.")
+
+
+@needs_cc
+def test_the_h100_with_auto_falls_back_to_cpu_saying_why(tmp_path: Path) -> None:
+    plan, reason, _check = FAILURES["fabric-manager-802"]
+    env = h100_worker_env(tmp_path, plan) | {"MORAG_DEVICE": "auto"}
+    code = (
+        "import json; from morag import cuda_check; i = cuda_check.decide('auto'); "
+        "print(json.dumps([i.device, i.reason, i.cuda_check.heartbeat()]))"
+    )
+    out, _ = run([sys.executable, "-c", code], env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    device, why, beat = json.loads(out.stdout.splitlines()[-1])
+    assert (device, why) == ("cpu", f"no usable GPU: {reason}")
+    assert beat["passed"] is False and beat["reason"] == reason
+
+
+@needs_cc
+def test_gpu_check_cli_on_the_h100(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "morag.cli", "gpu-check", "--json"]
+    ok, _ = run(command, h100_worker_env(tmp_path / "ok", "ok"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    answer = json.loads(ok.stdout)
+    assert answer["passed"] and answer["stage"] == "cuda_check"
+    assert [g["uuid"] for g in answer["gpus"]] == [UUID]
+    assert answer["libraries"] == {"libcublas.so.12": "12.8.4"}
+    plan, reason, _check = FAILURES["cublas-missing"]
+    bad, _ = run(command, h100_worker_env(tmp_path / "bad", plan))
+    assert bad.returncode == 78
+    failed = json.loads(bad.stdout)
+    assert not failed["passed"] and failed["reason"] == reason
+    assert failed["message"] == devices.unavailable_message(
+        cuda_check.CudaCheck(False, reason, "", 0, failed["check"]).problem
+    )

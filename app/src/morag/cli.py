@@ -127,6 +127,45 @@ def gpu_stack(
     raise typer.Exit(gpu_stack_main(args))
 
 
+@app.command("gpu-check")
+def gpu_check(
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    timeout: float | None = typer.Option(
+        None, min=1, help="seconds for the CUDA check (default MORAG_CUDA_CHECK_TIMEOUT or 120)"
+    ),
+) -> None:
+    """Check CUDA as a GPU worker does at start, in this environment (CUDA_VISIBLE_DEVICES...).
+
+    nvidia-smi and the CUDA libraries, then a real CUDA check in a child process (device,
+    memory, a CTranslate2 forward pass). Exit 0 when it passed, 78 with the cause when not."""
+    from morag import cuda_check
+    from morag.devices import EX_CONFIG, unavailable_message
+    from morag.processors.audio import compute_type_for
+
+    compute_type = compute_type_for("cuda", _settings().whisper_compute_type)
+    info, result = cuda_check.check_here(compute_type=compute_type, timeout=timeout)
+    passed = isinstance(result, cuda_check.CudaCheck) and result.passed
+    problem = result.problem if isinstance(result, cuda_check.CudaCheck) else result
+    if as_json:
+        answer: dict[str, Any] = {
+            "passed": passed,
+            "stage": "cuda_check" if info is not None else "detect",
+            "reason": problem.reason,
+            "check": problem.check,
+            "message": "" if passed else unavailable_message(problem),
+            "gpus": info.gpus_as_dicts() if info else [],
+            "libraries": dict(info.libraries) if info else {},
+            "cuda_check": result.as_dict() if isinstance(result, cuda_check.CudaCheck) else None,
+        }
+        print(json.dumps(answer))
+    elif passed:
+        assert isinstance(result, cuda_check.CudaCheck)
+        print(f"CUDA check passed in {result.seconds:.1f}s: {result.reason}")
+    else:  # one line, as the worker's journal has it (no terminal wrapping)
+        print(f"morag gpu-check: {unavailable_message(problem)}", file=sys.stderr)
+    raise typer.Exit(0 if passed else EX_CONFIG)
+
+
 def _client(api_url: str, api_key: str | None) -> httpx.Client:
     return httpx.Client(base_url=api_url, headers={"X-API-Key": _key(api_key)}, timeout=60.0)
 
@@ -380,6 +419,8 @@ def workers(
         device = b.get("device", "?")
         if device != "cuda" and b.get("device_reason"):
             reasons.append(f"{b['name']}: {device} because {b['device_reason']}")
+        elif device == "cuda" and not (b.get("cuda_check") or {}).get("passed"):
+            reasons.append(f"{b['name']}: cuda without a passed CUDA check (an older worker?)")
         table.add_row(
             b["name"],
             ",".join(b.get("consuming", b.get("queues", []))),

@@ -6,7 +6,8 @@ way CUDA does, and loads the CUDA libraries of ``morag.gpu_stack`` with ctypes t
 versions (no GPU, no context); the model itself loads lazily in the child.
 
 ``MORAG_DEVICE=auto`` falls back to CPU and says why; ``cuda`` raises ``DeviceUnavailable``
-(the worker exits with ``EX_CONFIG``); ``cpu`` never looks.
+(the worker exits with ``EX_CONFIG``); ``cpu`` never looks. What passes here is then really
+tried, in a child process, by ``morag.cuda_check`` (the worker's ``runtime.decide_device``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from morag import gpu_stack
+
+if TYPE_CHECKING:
+    from morag.cuda_check import CudaCheck
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 stops the restart loop
 TROUBLESHOOTING = 'docs/troubleshooting.md, "My GPU worker runs on CPU"'
@@ -29,6 +34,10 @@ SMI_TIMEOUT = 20.0  # a GPU without persistence mode can take seconds to wake
 
 class DeviceUnavailable(RuntimeError):
     """MORAG_DEVICE=cuda and CUDA cannot be used; ``str()`` is the whole message."""
+
+    def __init__(self, message: str, problem: Problem | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem  # the cause and what to check, for `morag gpu-check --json`
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,8 @@ class DeviceInfo:
     reason: str
     gpus: tuple[Gpu, ...] = field(default_factory=tuple)
     libraries: Mapping[str, str] = field(default_factory=dict)  # soname -> loaded version
+    # The real CUDA check (morag.cuda_check), run in a child process once this says cuda.
+    cuda_check: CudaCheck | None = None
 
     def gpus_as_dicts(self) -> list[dict[str, object]]:
         return [g.as_dict() for g in self.gpus]
@@ -193,7 +204,7 @@ _DRIVER_CHECK = (
 )
 
 
-def _run_smi(args: list[str]) -> tuple[str | None, Problem | None]:
+def run_smi(args: list[str]) -> tuple[str | None, Problem | None]:
     if shutil.which("nvidia-smi") is None:
         return None, Problem(
             "nvidia-smi not found (no NVIDIA driver on this host, or not on PATH)", _DRIVER_CHECK
@@ -218,7 +229,7 @@ def _run_smi(args: list[str]) -> tuple[str | None, Problem | None]:
 
 def visible_gpus(environ: Mapping[str, str]) -> tuple[list[Gpu], str, Problem | None]:
     """The devices CUDA will see in this process, a note, or the problem that leaves none."""
-    text, problem = _run_smi([SMI_QUERY, "--format=csv,noheader,nounits"])
+    text, problem = run_smi([SMI_QUERY, "--format=csv,noheader,nounits"])
     if problem:
         return [], "", problem
     gpus = parse_query_gpu(text or "")
@@ -227,7 +238,7 @@ def visible_gpus(environ: Mapping[str, str]) -> tuple[list[Gpu], str, Problem | 
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     migs: list[Gpu] = []
     if visible and "MIG-" in visible.upper():
-        listing, problem = _run_smi(["-L"])
+        listing, problem = run_smi(["-L"])
         if problem:
             return [], "", problem
         migs = parse_mig_devices(listing or "", gpus)
@@ -312,7 +323,7 @@ def detect_device(
         note = "; ".join(n for n in (note, lib_note) if n)
     if problem is not None:
         if requested == "cuda":
-            raise DeviceUnavailable(unavailable_message(problem))
+            raise DeviceUnavailable(unavailable_message(problem), problem)
         return DeviceInfo("cpu", f"no usable GPU: {problem.reason}", tuple(gpus), libraries)
     names = ", ".join(f"{g.uuid} {g.name}" for g in gpus)
     reason = f"{len(gpus)} GPU(s) visible: {names}" + (f" ({note})" if note else "")

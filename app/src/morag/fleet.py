@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from morag.config import DECLARED_QUEUES
+from morag.config import DECLARED_QUEUES, GPU_QUEUE
 from morag.routing import FleetSnapshot, WorkerView
 
 PREFIX = "morag:worker:"
@@ -70,6 +70,33 @@ def to_view(hb: dict[str, Any]) -> WorkerView:
         device=hb.get("device", "cpu"),
         busy=bool(hb.get("busy")),
     )
+
+
+def cuda_check_passed(hb: dict[str, Any]) -> bool:
+    """Does a heartbeat carry a passed CUDA check (morag.cuda_check)? Heartbeats of workers
+    from before the check have no ``cuda_check`` field: not passed."""
+    check = hb.get("cuda_check")
+    return isinstance(check, dict) and check.get("passed") is True
+
+
+@dataclass(frozen=True)
+class GpuWorkers:
+    """The GPU side of the fleet as ``/ready`` counts it."""
+
+    checked: tuple[str, ...]  # device cuda with a passed CUDA check: the GPU workers counted
+    unchecked: tuple[str, ...]  # device cuda without one (started before the check existed)
+    on_cpu: tuple[str, ...]  # consume gpu-tasks but compute on the CPU (MORAG_DEVICE=auto)
+
+
+def gpu_workers(heartbeats: list[dict[str, Any]]) -> GpuWorkers:
+    checked, unchecked, on_cpu = [], [], []
+    for hb in heartbeats:
+        name = str(hb.get("name"))
+        if hb.get("device") == "cuda":
+            (checked if cuda_check_passed(hb) else unchecked).append(name)
+        elif GPU_QUEUE in (hb.get("queues") or ()):
+            on_cpu.append(name)
+    return GpuWorkers(tuple(sorted(checked)), tuple(sorted(unchecked)), tuple(sorted(on_cpu)))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """A worker process's runtime: its settings, device, Redis client and job store.
 
-The device is decided once in the worker's parent (with nvidia-smi, never CUDA) and
-inherited by the forked pool children; the Redis client and the job store are rebuilt in
-each process after the fork.
+The device is decided once in the worker's parent (with nvidia-smi, never CUDA there; the
+CUDA check runs in a child process) and inherited by the forked pool children; the Redis
+client and the job store are rebuilt in each process after the fork.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import redis
 
+from morag import cuda_check
 from morag.config import Settings, get_settings
-from morag.devices import EX_CONFIG, DeviceInfo, DeviceUnavailable, detect_device
+from morag.devices import EX_CONFIG, DeviceInfo, DeviceUnavailable
 from morag.jobs import JobStore
+from morag.processors.audio import compute_type_for
 
 log = logging.getLogger("morag.worker")
 
@@ -35,10 +37,14 @@ _device: DeviceInfo | None = None  # decided in the parent, inherited by forked 
 
 
 def decide_device(settings: Settings) -> DeviceInfo:
-    """Decided once per worker; raises DeviceUnavailable for MORAG_DEVICE=cuda without CUDA."""
+    """Decided once per worker; raises DeviceUnavailable for MORAG_DEVICE=cuda without CUDA.
+
+    ``cuda`` only after the CUDA check passed in a child process, in the compute type the
+    worker's Whisper model will use (morag.cuda_check)."""
     global _device
     if _device is None:
-        _device = detect_device(settings.device)
+        compute_type = compute_type_for("cuda", settings.whisper_compute_type)
+        _device = cuda_check.decide(settings.device, compute_type=compute_type)
     return _device
 
 

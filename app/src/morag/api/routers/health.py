@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from morag.api.deps import services
 from morag.config import STORE_QUEUE
+from morag.fleet import GpuWorkers, gpu_workers
 from morag.submission import Services
 
 router = APIRouter(tags=["health"])
@@ -29,12 +30,30 @@ NO_STORE_WORKER = (
 )
 
 
+def gpu_workers_text(gpu: GpuWorkers) -> str:
+    """``checks.gpu_workers``: a GPU worker counts only with a passed CUDA check."""
+    text = f"{len(gpu.checked)} GPU worker(s) with a passed CUDA check" + (
+        f": {', '.join(gpu.checked)}" if gpu.checked else ""
+    )
+    if gpu.unchecked:
+        text += (
+            f"; not counted, device cuda without a passed CUDA check (a worker older than "
+            f"the check?): {', '.join(gpu.unchecked)}"
+        )
+    if gpu.on_cpu:
+        text += f"; consuming gpu-tasks on the CPU: {', '.join(gpu.on_cpu)}"
+    return text
+
+
 @router.get("/ready")
 def ready(svc: Services = Depends(services)) -> JSONResponse:
     """503 when the API cannot take jobs (Redis, shared dir); ``degraded`` (200) when it can
     but part of the work waits: no morag-store worker alive, or unsent job messages."""
     checks: dict[str, Any] = {}
     degraded: dict[str, Any] = {}
+    # checks.gpu_workers: the cuda workers whose heartbeat carries a passed CUDA check.
+    # Informational, never degraded: without GPU workers gpu=true jobs run on CPU by design.
+    informational: dict[str, Any] = {}
     try:
         svc.redis.ping()
         checks["redis"] = "ok"
@@ -42,7 +61,9 @@ def ready(svc: Services = Depends(services)) -> JSONResponse:
         checks["redis"] = f"unavailable: {type(exc).__name__}"
     if checks["redis"] == "ok":
         try:
-            snapshot = svc.fleet.get().snapshot
+            state = svc.fleet.get()
+            snapshot = state.snapshot
+            informational["gpu_workers"] = gpu_workers_text(gpu_workers(state.heartbeats))
             if svc.settings.store_ingested and not snapshot.consumers_of(STORE_QUEUE):
                 degraded["store_worker"] = NO_STORE_WORKER
             # Past the grace only: every submission holds an entry for a moment.
@@ -63,4 +84,5 @@ def ready(svc: Services = Depends(services)) -> JSONResponse:
     ok = all(v == "ok" for v in checks.values())
     status = "not ready" if not ok else ("degraded" if degraded else "ready")
     checks.update(degraded)
+    checks.update(informational)
     return JSONResponse({"status": status, "checks": checks}, status_code=200 if ok else 503)
