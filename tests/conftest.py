@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import redis
 
-REDIS_PASSWORD = "test-redis-password"
+from tests import redis_acl
+
+REDIS_PASSWORD = "test-redis-password"  # Redis' `default` user: the tests' own admin account
 
 
 def free_port() -> int:
@@ -31,11 +33,18 @@ class RedisServer:
         self._dbs = itertools.count(1)
 
     def url(self, db: int = 0) -> str:
+        """The admin (`default` user) URL: the tests' own reads, writes and cleanup."""
         return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
+
+    def role_urls(self, db: int) -> dict[str, str]:
+        """The URLs of the role's ACL users (api, worker, store) on database ``db``."""
+        return redis_acl.urls(self.port, db)
 
     def fresh_db(self) -> int:
         db = next(self._dbs)
-        redis.Redis.from_url(self.url(db)).flushdb()
+        admin = redis.Redis.from_url(self.url(db))
+        admin.flushdb()
+        redis_acl.allow_database(admin, db)
         return db
 
 
@@ -73,12 +82,13 @@ def answers(client: redis.Redis) -> bool:
 
 @contextlib.contextmanager
 def running_redis(workdir: Path) -> Iterator[RedisServer]:
-    """A throwaway redis-server on a free loopback port, with a password, no persistence."""
+    """A throwaway redis-server on a free loopback port, no persistence, with an admin
+    password and the ACL users of roles/redis (the app's processes log in as those)."""
     port = free_port()
     proc = spawn_redis(
         workdir,
         *["--port", str(port), "--appendonly", "no", "--requirepass", REDIS_PASSWORD],
-        *["--databases", "256"],
+        *["--databases", "256", *redis_acl.server_args()],
     )
     server = RedisServer(port)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -62,3 +63,30 @@ def server_args() -> list[str]:
     for role, user in role_users().items():
         args += ["--user", *user.rules(password(role))]
     return args
+
+
+def url(port: int, role: str, db: int = 0) -> str:
+    """The MORAG_REDIS_URL of ``role`` (api, worker, store) as roles/morag_app writes it."""
+    return f"redis://{role_users()[role].name}:{password(role)}@127.0.0.1:{port}/{db}"
+
+
+def urls(port: int, db: int = 0) -> dict[str, str]:
+    """Each role's URL: the API, the GPU/CPU workers and the store worker log in separately."""
+    return {role: url(port, role, db) for role in ROLES}
+
+
+def allow_database(admin: Any, db: int) -> None:
+    """What roles/redis/README.md says to add for an app on database ``db``: Celery's
+    broadcast channel of that database (PSUBSCRIBE needs the pattern written exactly so)."""
+    for user in role_users().values():
+        admin.execute_command("ACL", "SETUSER", user.name, f"&/{db}.celery.pidbox")
+
+
+def restrict_keys(admin: Any, role: str, *rules: str) -> None:
+    """Replace ``role``'s key permissions by ``rules`` (``~pattern``, ``%R~pattern``, ...)."""
+    admin.execute_command("ACL", "SETUSER", role_users()[role].name, "resetkeys", *rules)
+
+
+def restore_keys(admin: Any, role: str) -> None:
+    """Give ``role`` back the key patterns the role grants it."""
+    restrict_keys(admin, role, *(f"~{k}" for k in role_users()[role].keys))

@@ -21,7 +21,11 @@ def _dump_logs(stack: Stack) -> None:
 
 
 def _new_stack(redis_server: RedisServer, root: Path, **settings: Any) -> Stack:
-    return Stack(redis_server.url(redis_server.fresh_db()), root, free_port(), **settings)
+    """A Stack on a fresh database; the API and workers log in as the role's ACL users."""
+    db = redis_server.fresh_db()
+    return Stack(
+        redis_server.url(db), root, free_port(), users=redis_server.role_urls(db), **settings
+    )
 
 
 @pytest.fixture

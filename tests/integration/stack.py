@@ -19,6 +19,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import redis_acl
 from tests.conftest import (
     REDIS_PASSWORD,
     answers,
@@ -36,12 +37,26 @@ METRICS_TOKEN = "test-metrics-token"
 
 
 class Stack:
-    """One isolated deployment: its own Redis database, shared dir and processes."""
+    """One isolated deployment: its own Redis database, shared dir and processes.
+
+    ``redis_url`` is the tests' own (admin) connection. ``users``: the URLs of the role's
+    ACL users (api, worker, store) on the same database; then each process logs in as its
+    own, as roles/morag_app deploys them: the API as `morag-api`, GPU/CPU workers as
+    `morag-worker`, a morag-store worker as `morag-store`. Without ``users`` every process
+    uses ``redis_url``."""
 
     TTL = 1.5
     GRACE = 2.0
 
-    def __init__(self, redis_url: str, root: Path, api_port: int, **settings: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        root: Path,
+        api_port: int,
+        *,
+        users: dict[str, str] | None = None,
+        **settings: Any,
+    ) -> None:
         self.root = root
         self.shared = root / "shared"
         self.shared.mkdir(parents=True, exist_ok=True)
@@ -50,9 +65,10 @@ class Stack:
         self.api_port = api_port
         self.api_url = f"http://127.0.0.1:{api_port}"
         self.redis = redis.Redis.from_url(redis_url)
+        self.users = users
         self.env = {
             **os.environ,
-            "MORAG_REDIS_URL": redis_url,
+            "MORAG_REDIS_URL": users["api"] if users else redis_url,
             "MORAG_API_KEYS": f"{API_KEY},second-key",
             "MORAG_WORKER_TOKEN": WORKER_TOKEN,
             "MORAG_METRICS_TOKEN": METRICS_TOKEN,
@@ -100,6 +116,8 @@ class Stack:
 
     def start_worker(self, name: str, *queues: str, wait: bool = True, **settings: Any) -> None:
         env = dict(self.env)
+        if self.users:
+            env["MORAG_REDIS_URL"] = self.users["store" if "morag-store" in queues else "worker"]
         for key, value in settings.items():
             env[f"MORAG_{key.upper()}"] = str(value)
         args = ["worker", "--name", name, "--loglevel", "INFO"]
@@ -165,11 +183,20 @@ class Stack:
         headers = {"X-API-Key": key} if key else {}
         return httpx.Client(base_url=self.api_url, headers=headers, timeout=60)
 
-    def ingest(self, path: Path, *, gpu: bool, options: dict[str, Any] | None = None) -> dict:
+    def ingest(
+        self,
+        path: Path,
+        *,
+        gpu: bool,
+        options: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+    ) -> dict:
         with self.client() as c, open(path, "rb") as f:
             data = {"gpu": str(gpu).lower()}
             if options is not None:
                 data["options"] = json.dumps(options)
+            if webhook_url is not None:
+                data["webhook_url"] = webhook_url
             resp = c.post("/api/v1/ingest/file", files={"file": (path.name, f)}, data=data)
         assert resp.status_code == 202, resp.text
         return resp.json()
@@ -248,7 +275,11 @@ class OwnRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
+        """The admin (`default` user) URL; ``users()`` are the app's."""
         return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
+
+    def users(self) -> dict[str, str]:
+        return redis_acl.urls(self.port, 0)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url(), socket_timeout=5)
@@ -257,6 +288,7 @@ class OwnRedis:
         self.proc = spawn_redis(
             self.dir,
             *["--port", str(self.port), "--requirepass", REDIS_PASSWORD],
+            *redis_acl.server_args(),
             *["--appendonly", "yes", "--appendfsync", "everysec"],
             log=self.dir / "redis.log",
         )
@@ -284,9 +316,13 @@ class OwnRedis:
         """CLIENT PAUSE WRITE: every write (and publish) waits until the pause ends."""
         self.client().execute_command("CLIENT", "PAUSE", int(seconds * 1000), "WRITE")
 
-    def acl_keys(self, *patterns: str) -> None:
-        """Limit the default user to these key patterns (``*`` gives everything back)."""
-        self.client().execute_command("ACL", "SETUSER", "default", "resetkeys", *patterns)
+    def restrict_keys(self, role: str, *rules: str) -> None:
+        """Limit the ACL user of ``role`` (api, worker, store) to these key rules."""
+        redis_acl.restrict_keys(self.client(), role, *rules)
+
+    def restore_keys(self, role: str) -> None:
+        """Give the user of ``role`` back what roles/redis grants it."""
+        redis_acl.restore_keys(self.client(), role)
 
 
 @contextlib.contextmanager
@@ -303,7 +339,7 @@ def own_redis(workdir: Path) -> Iterator[OwnRedis]:
 def stack_on_own_redis(root: Path, **settings: Any) -> Iterator[tuple[Stack, OwnRedis]]:
     """A Stack on a Redis of its own (to restart, pause or restrict); logs shown at the end."""
     with own_redis(root / "redis") as server:
-        stack = Stack(server.url(0), root, free_port(), **settings)
+        stack = Stack(server.url(0), root, free_port(), users=server.users(), **settings)
         try:
             yield stack, server
         finally:
@@ -322,7 +358,7 @@ def standalone_stack(prefix: str, **settings: Any) -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         with running_redis(root) as server:
-            stack = Stack(server.url(0), root, free_port(), **settings)
+            stack = Stack(server.url(0), root, free_port(), users=server.role_urls(0), **settings)
             try:
                 yield stack
             finally:

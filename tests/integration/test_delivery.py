@@ -187,12 +187,12 @@ def test_broker_refusing_a_message_answers_503_and_strands_nothing(
     with stack_on_own_redis(tmp_path) as (stack, server):
         stack.start_api()
         # The broker's queues can be read but refuse writes; the job records do not.
-        server.acl_keys("~morag:*", "~_kombu.*", "%R~*")
+        server.restrict_keys("api", "~morag:*", "~_kombu.*", "%R~*")
         with stack.client() as c, open(speech_wav, "rb") as f:
             resp = c.post("/api/v1/ingest/file", files={"file": ("speech.wav", f)})
         assert resp.status_code == 503, resp.text
         assert "queue is unavailable" in resp.json()["detail"]
-        server.acl_keys("~*")
+        server.restore_keys("api")
         [record] = stack.jobs_in_redis()
         assert record["status"] == "failed" and record["error"].startswith("not accepted")
         assert stack.redis.scard("morag:jobs:active") == 0

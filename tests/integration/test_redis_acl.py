@@ -164,6 +164,8 @@ def test_lua_runs_with_the_callers_permissions(acl_redis: AclRedis) -> None:
         ("worker", "morag:worker:gpu0@host", True),
         ("worker", "morag:batch:abc", False),
         ("worker", "morag:webhook:abc", False),
+        ("worker", "morag:outbox:webhooks", True),  # owed webhooks: job ids, with the end
+        ("worker", "morag:outbox:other", False),
         ("worker", "morag:reply:abc", False),
         ("worker", "qdrant", False),
         ("store", "morag:webhook:abc", True),

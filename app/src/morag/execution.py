@@ -131,9 +131,9 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     )
     if not claim.run:
         log.info("job %s not run here: %s", task_id, claim.reason)
-        if claim.record is not None:
+        if claim.record is not None:  # the delivery cap ended it
             _cleanup(rt, claim.record)
-            notify_end(rt.redis, claim.record)
+            notify_end(rt.redis, claim.record, resend_after=rt.settings.store_resend_after)
         return
     record = claim.record
     assert record is not None
@@ -190,7 +190,10 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     final = through_outage(rt, f"reading job {task_id}", lambda: rt.store.get(task_id))
     if final is not None:
         _cleanup(rt, final)
-        notify_end(rt.redis, final)
+        if rt.settings.fault_injection and record.options.get("fault") == "die_before_webhook":
+            # Test hook: the end (and the webhook it owes) is written, the publish is not.
+            os.kill(os.getpid(), signal.SIGKILL)
+        notify_end(rt.redis, final, resend_after=rt.settings.store_resend_after)
 
 
 def _set_attempt_device(rt: Runtime, task_id: str, owner: str, device: str) -> None:

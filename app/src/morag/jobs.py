@@ -3,7 +3,10 @@
 Every state change is an optimistic transaction (WATCH/MULTI) so the API (cancel), the
 worker running the job and the orphan watchdog can never overwrite each other: a job
 completes once, and only the attempt that holds the job's lease may complete it.
-The metrics a transition feeds (morag.metrics) are incremented in the same transaction.
+The metrics a transition feeds (morag.metrics) are incremented in the same transaction, and
+so is the webhook outbox entry of a job that ends with a ``webhook_url``: whoever ends the
+job (a worker, the time limit, the delivery cap, the API's cancel, the store worker), its
+webhook is owed from the moment the end is written (morag.webhooks delivers it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ ACTIVE_SET = "morag:jobs:active"
 # Jobs whose message must be (re)sent: task id -> epoch seconds after which a reconciler
 # sends it. Written in the same transaction as the record, removed once the send returned.
 OUTBOX = "morag:outbox"
+# Ended jobs whose webhook is owed: task id -> epoch seconds after which a reconciler
+# (morag.supervisor) publishes its delivery message (again). Added in the transaction that
+# ends the job; removed by the store worker once the webhook is delivered or given up.
+# It holds job ids only: no URL, body or secret.
+WEBHOOK_OUTBOX = "morag:outbox:webhooks"
 
 LeaseAction = str | None | bool | Callable[[JobRecord], str | bool | None]
 # Queues further commands (metrics) on the transaction that commits the new record.
@@ -142,6 +150,11 @@ class JobStore:
     def outbox_size(self) -> int:
         return int(self.r.zcard(OUTBOX))
 
+    def webhooks_due(self, now: float | None = None, limit: int = 200) -> list[str]:
+        """Ended jobs whose webhook is owed and whose delivery message is due (again)."""
+        raw = self.r.zrangebyscore(WEBHOOK_OUTBOX, "-inf", now or time.time(), start=0, num=limit)
+        return [m.decode() if isinstance(m, bytes) else m for m in raw]
+
     def fail_unsent(self, task_id: str, reason: str) -> JobRecord | None:
         """The API could not send a new job's message: end it instead of stranding it."""
 
@@ -233,6 +246,7 @@ class JobStore:
                 pipe.multi()
                 return
             record = JobRecord.from_json(raw)
+            ended_before = record.status in TERMINAL  # ``change`` edits ``record`` in place
             new = change(record, owner)
             outcome["record"] = new if new is not None else record
             pipe.multi()
@@ -242,6 +256,9 @@ class JobStore:
             pipe.set(key, new.to_json(), ex=self.ttl)
             if new.status in TERMINAL:
                 pipe.srem(ACTIVE_SET, task_id)
+                if new.webhook_url and not ended_before:
+                    # The end and the webhook it owes are one step (the outbox pattern).
+                    pipe.zadd(WEBHOOK_OUTBOX, {task_id: time.time() + self.outbox_grace}, nx=True)
             else:
                 pipe.sadd(ACTIVE_SET, task_id)
             action = lease(new) if callable(lease) else lease

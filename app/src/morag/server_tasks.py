@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from morag import files, metrics, urls
+from morag import files, metrics, urls, webhooks
 from morag.celery_app import STORE_TASK, celery_app
 from morag.job_record import JobRecord
 from morag.jobs import CANCELLED, STORE_RETRY
@@ -121,7 +121,7 @@ def store_job(self: Any, task_id: str) -> None:
     if final is not None:
         if final.upload_id:
             files.remove_upload(rt.settings.uploads_dir, final.upload_id)
-        notify_end(rt.redis, final)
+        notify_end(rt.redis, final, resend_after=rt.settings.store_resend_after)
 
 
 @celery_app.task(name="morag.vector_op", acks_late=False)
@@ -156,9 +156,21 @@ def vector_op(request_id: str, op: str, params: dict[str, Any]) -> None:
 
 @celery_app.task(name="morag.deliver_webhook", bind=True, acks_late=True)
 def deliver_webhook(self: Any, task_id: str) -> None:
+    """POST an ended job's webhook, once: a duplicate message (a redelivery, the
+    reconciler's resend) finds the job's delivery mark and sends nothing."""
+    import os
+
     rt = get_runtime()
+    owner = f"{self.request.hostname or 'unknown'}/{os.getpid()}"
+    hold = rt.settings.store_resend_after
+    verdict = webhooks.claim_delivery(rt.redis, task_id, owner, hold=hold)
+    if verdict != "send":
+        log.info("webhook of job %s not sent here: %s", task_id, verdict)
+        return
     record = rt.store.get(task_id)
-    if record is None or not record.webhook_url:
+    if record is None or not record.webhook_url or not record.status.final:
+        log.info("webhook of job %s: nothing to send (no ended job with a webhook)", task_id)
+        _settle(rt, task_id, webhooks.DROPPED)
         return
     url = record.webhook_url
     body = body_of(record)
@@ -167,6 +179,7 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         urls.check_url(url, rt.settings.url_allowlist)
     except urls.UrlRefused as exc:
         log.warning("webhook of job %s refused: %s", task_id, exc)
+        _settle(rt, task_id, webhooks.REFUSED)
         _count_webhook(rt, "refused")
         return
     try:
@@ -182,18 +195,33 @@ def deliver_webhook(self: Any, task_id: str) -> None:
         retries = self.request.retries
         if retries >= rt.settings.webhook_retries:
             log.warning("webhook of job %s gave up after %d tries: %s", task_id, retries + 1, exc)
+            _settle(rt, task_id, webhooks.GAVE_UP)
             _count_webhook(rt, "gave_up")
             return
         _count_webhook(rt, "retrying")
         countdown = rt.settings.webhook_backoff * (2**retries)
         log.info("webhook of job %s failed (%s); retry in %.1fs", task_id, exc, countdown)
+        webhooks.release(rt.redis, task_id, retry_at=time.time() + countdown, hold=hold)
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
     except urls.UrlRefused as exc:  # DNS answered differently at send time
         log.warning("webhook of job %s refused: %s", task_id, exc)
+        _settle(rt, task_id, webhooks.REFUSED)
         _count_webhook(rt, "refused")
         return
+    _settle(rt, task_id, webhooks.DELIVERED)
     log.info("webhook of job %s delivered: HTTP %d", task_id, resp.status_code)
     _count_webhook(rt, "delivered")
+
+
+def _settle(rt: Any, task_id: str, mark: str) -> None:
+    """Mark the webhook done through a Redis blip: a lost mark would send it again."""
+    from morag.execution import through_outage
+
+    through_outage(
+        rt,
+        f"marking the webhook of job {task_id}",
+        lambda: webhooks.settle(rt.redis, task_id, mark),
+    )
 
 
 def _count_webhook(rt: Any, outcome: str) -> None:

@@ -182,5 +182,5 @@ def cancel(
     celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
     if record.upload_id:
         files.remove_upload(services.settings.uploads_dir, record.upload_id)
-    notify_end(services.redis, record)
+    notify_end(services.redis, record, resend_after=services.settings.store_resend_after)
     return record

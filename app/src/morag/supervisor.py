@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from morag import __version__, fleet, gpu_telemetry
+from morag import __version__, fleet, gpu_telemetry, webhooks
 from morag.celery_app import celery_app, dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
 from morag.job_record import JobRecord
@@ -85,6 +85,7 @@ class Supervisor:
         if not self.redis.set(WATCHDOG_LOCK, self.hostname, nx=True, px=lock_ms):
             return
         self._send_outbox()
+        self._send_webhooks(state)
         self._watch_orphans(state)
 
     def heartbeat(self, active: dict[str, str]) -> dict[str, Any]:
@@ -101,6 +102,9 @@ class Supervisor:
             "device_reason": self.device.reason,
             "gpus": self.device.gpus_as_dicts(),
             "cuda_libraries": dict(self.device.libraries),  # soname -> version loaded at start
+            # The CUDA check at start (passed, reason, checked_at, seconds); /ready counts a
+            # cuda worker only with a passed one. None: the device was never cuda.
+            "cuda_check": check.heartbeat() if (check := self.device.cuda_check) else None,
             "gpu_telemetry": gpu_telemetry.sample(),  # NVML, never CUDA; [] without a GPU
             "processors": self.processors,
             "busy": bool(active),
@@ -155,6 +159,16 @@ class Supervisor:
                 dispatch(self.store, task_id, queue)
             else:
                 self.store.sent(task_id)
+
+    def _send_webhooks(self, state: fleet.FleetState) -> None:
+        """Ended jobs whose webhook is owed and not delivered in time: publish it again (its
+        ender died before publishing, the broker refused, a store worker lost it). Only while
+        a store worker is alive to deliver it: messages do not pile up meanwhile."""
+        if not state.snapshot.consumers_of(STORE_QUEUE):
+            return
+        due = self.store.webhooks_due()
+        if due:
+            webhooks.resend_due(self.store, due, resend_after=self.settings.store_resend_after)
 
     # -- orphans: running jobs whose worker vanished --------------------------------------
     def _watch_orphans(self, state: fleet.FleetState) -> None:
