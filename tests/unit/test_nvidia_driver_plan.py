@@ -1098,11 +1098,19 @@ def test_plan_invariants(profile: str, lspci_file: str, overrides: dict) -> None
         if "=" in package:
             assert package.endswith(f"={overrides['version']}*")
             assert not package.startswith(("linux-", "nvidia-persistenced", "firmware-"))
-    # Every installed kernel gets a module: a per-kernel package or a DKMS build with headers.
+    # Every installed kernel gets a module: a per-kernel package or a DKMS build with headers,
+    # or it is named (with the fix) in kernels_without_module.
+    without = {item["kernel"] for item in result["kernels_without_module"]}
     for kernel in result["module_check"]["kernels"]:
         assert (
-            kernel in result["kernel_module_packages"] or kernel in result["kernel_header_packages"]
+            kernel in result["kernel_module_packages"]
+            or kernel in result["kernel_header_packages"]
+            or kernel in without
         )
+    # Held kernel-side packages only with Canonical's modules, and never a per-kernel one.
+    if result["kernel_hold"]:
+        assert profile.startswith("ubuntu")
+        assert all(not re.search(r"-[0-9]+\.[0-9]+\.[0-9]+-", n) for n in result["kernel_hold"])
     assert result["fabricmanager"] is (lspci_file == "lspci-hgx-h100-nvswitch.txt")
 
 
@@ -1157,4 +1165,7 @@ def test_filter_module_exports() -> None:
         "nvidia_driver_pin_packages",
         "nvidia_driver_kernels_missing_module",
         "nvidia_driver_kernel_meta_packages",
+        "nvidia_driver_parse_apt_show",
+        "nvidia_driver_secure_boot_state",
+        "nvidia_driver_platform_error",
     }

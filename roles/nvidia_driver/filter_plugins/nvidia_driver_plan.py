@@ -140,9 +140,16 @@ _UBUNTU_MODULE_FLAVOURS = (
     "nvidia-64k",
     "nvidia-lowlatency",
 )
+# nvidia.ko: NVIDIA's DKMS packages and Canonical's precompiled modules; nvidia-current.ko:
+# Debian's own archive packages (nvidia-kernel-dkms / nvidia-open-kernel-dkms build
+# nvidia-current.ko, nvidia-current-uvm.ko, ... under /lib/modules/<kernel>/updates/dkms/ and
+# alias them to "nvidia" in /etc/modprobe.d) [DEB-PKG].
 _MODULE_PATH = re.compile(
-    r"^(?:/usr)?/lib/modules/(?P<kernel>[^/]+)/(?:.+/)?nvidia\.ko(?:\.(?:xz|zst|gz))?$"
+    r"^(?:/usr)?/lib/modules/(?P<kernel>[^/]+)/(?:.+/)?nvidia(?:-current)?\.ko"
+    r"(?:\.(?:xz|zst|gz))?$"
 )
+# Basename patterns for ansible.builtin.find that cover _MODULE_PATH (configure.yml).
+MODULE_FILE_PATTERNS = ("nvidia.ko*", "nvidia-current.ko*")
 _VERSIONED_IMAGE = re.compile(r"^linux-image-(?:unsigned-)?[0-9]+\.[0-9]+\.[0-9]+")
 
 
@@ -326,11 +333,14 @@ def _known_ubuntu_flavour(flavour: str) -> bool:
 
 
 def kernels_missing_module(installed_kernels: list, module_paths: list) -> list:
-    """Installed kernels without an nvidia.ko, from ``find /lib/modules -name 'nvidia.ko*'``.
+    """Installed kernels without an nvidia module, from ``find /lib/modules`` (the patterns
+    MODULE_FILE_PATTERNS).
 
-    Recognises DKMS builds (/lib/modules/<kver>/updates/dkms/nvidia.ko[.xz|.zst|.gz]) and
-    Ubuntu's precompiled modules (/lib/modules/<kver>/kernel/nvidia-580srv/nvidia.ko). Only
-    nvidia.ko counts; nvidia-uvm, nvidia-drm, nvidia-modeset and nvidia-peermem do not.
+    Recognises DKMS builds (/lib/modules/<kver>/updates/dkms/nvidia.ko[.xz|.zst|.gz]), Debian's
+    archive DKMS builds, named nvidia-current.ko (/lib/modules/<kver>/updates/dkms/
+    nvidia-current.ko), and Ubuntu's precompiled modules
+    (/lib/modules/<kver>/kernel/nvidia-580srv/nvidia.ko). Only the core module counts;
+    nvidia[-current]-uvm, -drm, -modeset and -peermem do not.
     """
     if not isinstance(installed_kernels, (list, tuple)) or not all(
         isinstance(kernel, str) for kernel in installed_kernels
@@ -439,6 +449,193 @@ def pin_packages(names: list, version: str) -> list:
     return [name if "=" in name else f"{name}={version}*" for name in names]
 
 
+_KERNEL_COMMON_DEP = re.compile(
+    r"nvidia-kernel-common-[0-9a-z.+-]+\s*\(\s*(?P<op>>=|=|<=)\s*(?P<version>[^)\s]+)\s*\)"
+)
+
+
+def parse_apt_show(stdout) -> dict:
+    """What the archive (and dpkg) offers, from ``apt-cache show NAME...``.
+
+    Returns ``{name: [{"version": ..., "driver_version": ...}, ...]}`` with the versions in
+    apt's order, newest first (apt-cache show prints every version of a package, the archive's
+    and the installed one from /var/lib/dpkg/status). A name apt does not know, or knows only
+    as a virtual package, prints nothing and is absent: nothing of it can be installed.
+
+    ``driver_version`` is the NVIDIA driver a package belongs to: for Canonical's
+    linux-modules-nvidia-* packages (per kernel and per flavour) the version of
+    nvidia-kernel-common-<branch>[-server] they depend on ("(>= 580.95.05)", with
+    "(<= 580.95.05-1)" next to it: Canonical's packages are built for one driver version)
+    [UBU-DRV][UBU-PKG]; for NVIDIA's own packages (nvidia-*, libnvidia-*) their upstream version;
+    "" for anything else (linux-headers-*, kernel meta packages).
+    """
+    if stdout is None:
+        stdout = ""
+    if not isinstance(stdout, str):
+        raise AnsibleFilterError(
+            f"nvidia_driver_parse_apt_show expects the text of apt-cache show, "
+            f"got {type(stdout).__name__}"
+        )
+    result: dict[str, list] = {}
+    for stanza in re.split(r"\n\s*\n", stdout.replace("\r\n", "\n")):
+        fields: dict[str, str] = {}
+        key = ""
+        for line in stanza.splitlines():
+            if not line.strip():
+                continue
+            if line[:1] in (" ", "\t"):
+                if key:
+                    fields[key] += " " + line.strip()
+                continue
+            if ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            key = key.strip()
+            fields[key] = value.strip()
+        name, version = fields.get("Package", ""), fields.get("Version", "")
+        if not name or not version:
+            continue
+        driver = ""
+        if name.startswith(("nvidia-", "libnvidia-")):
+            driver = upstream_version(version)
+        else:
+            found = {
+                m.group("op"): m.group("version")
+                for m in _KERNEL_COMMON_DEP.finditer(
+                    fields.get("Depends", "") + ", " + fields.get("Pre-Depends", "")
+                )
+            }
+            for op in (">=", "=", "<="):
+                if op in found:
+                    driver = upstream_version(found[op])
+                    break
+        entries = result.setdefault(name, [])
+        if not any(entry["version"] == version for entry in entries):
+            entries.append({"version": version, "driver_version": driver})
+    return result
+
+
+# The EFI global variable of the Secure Boot state: 4 bytes of attributes, then one byte,
+# 1 = enforcing, 0 = off (UEFI specification, "Globally Defined Variables"; efivarfs).
+SECURE_BOOT_EFIVAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-e0a9e50c8f8c"
+
+
+def secure_boot_state(probe) -> dict:
+    """The Secure Boot state from the EFI variable, with mokutil only as a cross-check.
+
+    ``probe`` keys: ``efi`` (bool: /sys/firmware/efi exists), ``var_exists`` (bool: the
+    SecureBoot variable exists), ``var_content`` (its content, base64 as ansible.builtin.slurp
+    returns it, or None when it could not be read), ``var_error`` (the read error, if any),
+    ``mokutil`` (stdout of ``mokutil --sb-state``, or None when mokutil is missing or was not
+    run). Returns ``{"state": "enabled"|"disabled"|"unknown", "enabled": bool, "detail": str}``:
+    no /sys/firmware/efi is a legacy BIOS boot (disabled); EFI without the variable is firmware
+    without Secure Boot (disabled); a variable that cannot be read or decoded is "unknown", never
+    "disabled", and the detail says what to do. mokutil reporting "SecureBoot enabled" wins over a
+    decoded "disabled" (the safer answer).
+    """
+    import base64
+    import binascii
+
+    if not isinstance(probe, dict):
+        raise AnsibleFilterError("nvidia_driver_secure_boot_state expects a dict")
+    mokutil = probe.get("mokutil")
+    mokutil_says = ""
+    if isinstance(mokutil, str):
+        if "SecureBoot enabled" in mokutil:
+            mokutil_says = "enabled"
+        elif "SecureBoot disabled" in mokutil:
+            mokutil_says = "disabled"
+    what_to_do = (
+        "Check it on the host (`mokutil --sb-state`, or the firmware setup), then either set "
+        "nvidia_driver_secure_boot_signed: true (modules signed with a key the firmware trusts) "
+        "or, with Secure Boot really off, nvidia_driver_secure_boot_check: false."
+    )
+
+    def result(state: str, detail: str) -> dict:
+        if state != "enabled" and mokutil_says == "enabled":
+            return {
+                "state": "enabled",
+                "enabled": True,
+                "detail": detail + " mokutil --sb-state reports 'SecureBoot enabled': taken as "
+                "enabled.",
+            }
+        if state == "unknown" and mokutil_says == "disabled":
+            return {
+                "state": "disabled",
+                "enabled": False,
+                "detail": detail + " mokutil --sb-state reports 'SecureBoot disabled'.",
+            }
+        if state == "unknown":
+            detail += " " + what_to_do
+        return {"state": state, "enabled": state == "enabled", "detail": detail}
+
+    if not probe.get("efi"):
+        return result("disabled", "No /sys/firmware/efi: booted by a legacy BIOS, no Secure Boot.")
+    if not probe.get("var_exists"):
+        return result(
+            "disabled",
+            "EFI boot without the SecureBoot variable: the firmware has no Secure Boot.",
+        )
+    content = probe.get("var_content")
+    if not isinstance(content, str) or not content:
+        error = probe.get("var_error") or "no content"
+        return result("unknown", f"{SECURE_BOOT_EFIVAR} could not be read ({error}).")
+    try:
+        raw = base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        return result("unknown", f"{SECURE_BOOT_EFIVAR} is not base64 as slurp returns it.")
+    if len(raw) != 5 or raw[4] not in (0, 1):
+        return result(
+            "unknown",
+            f"{SECURE_BOOT_EFIVAR} holds {len(raw)} byte(s) ({raw.hex()}), not 4 bytes of "
+            "attributes and a 0/1 value.",
+        )
+    if raw[4] == 1:
+        return result("enabled", "EFI variable SecureBoot = 1: Secure Boot is enforcing.")
+    return result("disabled", "EFI variable SecureBoot = 0: Secure Boot is off.")
+
+
+def platform_error(host_facts) -> str:
+    """An empty string where the role supports the host, else the sentence to fail with.
+
+    Takes ansible_facts (distribution, distribution_version, distribution_major_version,
+    os_family, architecture). Checked first, before any package task of the role: on Rocky or
+    RHEL the role's first task would otherwise be an apt call that fails with an unrelated
+    error.
+    """
+    if not isinstance(host_facts, dict):
+        raise AnsibleFilterError("nvidia_driver_platform_error expects ansible_facts (a dict)")
+    distribution = str(host_facts.get("distribution", "") or "")
+    version = str(host_facts.get("distribution_version", "") or "")
+    major = str(host_facts.get("distribution_major_version", "") or version.split(".")[0])
+    family = str(host_facts.get("os_family", "") or "")
+    architecture = str(host_facts.get("architecture", "") or "")
+    where = f"{distribution or 'an unknown distribution'} {version or major}".strip()
+    if distribution not in SUPPORTED or major not in SUPPORTED[distribution]:
+        hint = ""
+        if family == "RedHat" or distribution in ("Rocky", "RedHat", "AlmaLinux", "CentOS"):
+            hint = (
+                " On Rocky/RHEL install NVIDIA's driver from its dnf repository by hand "
+                "(NVIDIA Driver Installation Guide, Red Hat chapter) and set "
+                "morag_worker_mode for the host; this role manages apt hosts only."
+            )
+        return (
+            f"nvidia_driver supports Debian 12/13 and Ubuntu 22.04/24.04; "
+            f"this host runs {where} "
+            f"(os_family {family or 'unknown'}). Install the driver by hand or leave this host "
+            "out of the gpu_workers group." + hint
+        )
+    if distribution == "Ubuntu" and version not in ("22.04", "24.04"):
+        return (
+            f"nvidia_driver supports Ubuntu 22.04 and 24.04 (LTS); this host runs Ubuntu "
+            f"{version}. Install the driver by hand or leave this host out of the gpu_workers "
+            "group."
+        )
+    if architecture and architecture not in SUPPORTED_ARCHITECTURES:
+        return f"nvidia_driver supports x86_64 and aarch64; this host is {architecture}."
+    return ""
+
+
 def default_source(distribution: str) -> str:
     """The role's default driver source for a distribution.
 
@@ -513,6 +710,47 @@ def _check_gpus(gpus) -> list:
     return checked
 
 
+def _check_available(value):
+    """apt_versions: None (not looked up: everything is assumed to exist) or parse_apt_show's."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, dict):
+        raise AnsibleFilterError(
+            "nvidia_driver_plan: apt_versions must be the output of nvidia_driver_parse_apt_show"
+        )
+    checked = {}
+    for name, versions in value.items():
+        if not isinstance(versions, (list, tuple)) or not all(
+            isinstance(v, dict) and isinstance(v.get("version"), str) for v in versions
+        ):
+            raise AnsibleFilterError(
+                f"nvidia_driver_plan: apt_versions[{name!r}] must be a list of "
+                "{version, driver_version}"
+            )
+        checked[name] = [
+            {"version": v["version"], "driver_version": str(v.get("driver_version") or "")}
+            for v in versions
+        ]
+    return checked
+
+
+def _check_installed(value) -> dict:
+    """installed_versions: ansible_facts.packages, or a dict of name -> version."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise AnsibleFilterError(
+            "nvidia_driver_plan: installed_versions must be ansible_facts.packages or a dict"
+        )
+    installed = {}
+    for name, entry in value.items():
+        if isinstance(entry, str):
+            installed[name] = entry
+        elif isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], dict):
+            installed[name] = str(entry[0].get("version", ""))
+    return installed
+
+
 def _check_facts(facts) -> dict:
     if not isinstance(facts, dict):
         raise AnsibleFilterError(
@@ -541,6 +779,9 @@ def _check_facts(facts) -> dict:
     if not isinstance(version, str):
         raise AnsibleFilterError("nvidia_driver_plan: version must be a string")
     return {
+        "available": _check_available(facts.get("apt_versions")),
+        "installed": _check_installed(facts.get("installed_versions")),
+        "upgrade": _as_bool("upgrade", facts.get("upgrade", False)),
         "distribution": facts["distribution"],
         "major": str(facts["distribution_major_version"]).split(".")[0],
         "architecture": facts["architecture"],
@@ -574,6 +815,11 @@ def _empty_plan(kernels: list) -> dict:
         "persistenced_service": "nvidia-persistenced",
         "fabricmanager_service": "nvidia-fabricmanager",
         "module_check": {"module_name": "nvidia", "kernels": list(kernels)},
+        "kernel_hold": [],
+        "probe_packages": [],
+        "driver_target_version": "",
+        "dkms_fallback_kernels": [],
+        "kernels_without_module": [],
         "errors": [],
         "warnings": [],
         "notes": [],
@@ -657,6 +903,64 @@ def _gpu_checks(f: dict, branch: int, plan: dict) -> None:
     )
 
 
+def _versions(f: dict, name: str) -> list:
+    return (f["available"] or {}).get(name, [])
+
+
+def _available(f: dict, name: str) -> bool:
+    """Whether apt can install ``name`` (always True when the archive was not looked up)."""
+    return f["available"] is None or bool(_versions(f, name))
+
+
+def _choose(f: dict, name: str, driver: str) -> tuple[str, str]:
+    """The apt request for ``name`` built for driver ``driver`` ("" = any), or ("", why not).
+
+    The newest version of that driver is taken: the bare name when it is apt's newest, else
+    NAME=VERSION. Without archive facts the bare name (assumed to exist).
+    """
+    if f["available"] is None:
+        return name, ""
+    versions = _versions(f, name)
+    if not versions:
+        return "", f"{name} is not in the archive"
+    matching = [
+        v
+        for v in versions
+        if not driver or not v["driver_version"] or v["driver_version"] == driver
+    ]
+    if not matching:
+        built = ", ".join(sorted({v["driver_version"] for v in versions}))
+        return "", f"{name} exists only for driver {built}, not {driver}"
+    chosen = matching[0]
+    return (name if chosen is versions[0] else f"{name}={chosen['version']}"), ""
+
+
+def _target_driver(f: dict, common: str) -> str:
+    """The driver version the kernel side must match: the pin, else the installed (held)
+    userspace unless upgrading, else the newest the archive offers ("" = not known yet)."""
+    if f["version"]:
+        return upstream_version(f["version"])
+    if f["installed"].get(common) and not f["upgrade"]:
+        return upstream_version(f["installed"][common])
+    versions = _versions(f, common)
+    return versions[0]["driver_version"] if versions else ""
+
+
+def _without_module(plan: dict, kernel: str, reason: str, fix: str) -> None:
+    plan["kernels_without_module"].append({"kernel": kernel, "reason": reason, "fix": fix})
+
+
+def _ubuntu_kernel_metas(f: dict) -> list:
+    """linux-image-X, linux-X and linux-headers-X of each installed linux-image meta package:
+    held with the userspace (with Canonical's modules) so no new kernel comes without its
+    module. The role holds the ones that are installed."""
+    names = []
+    for meta in f["metas"]:
+        suffix = _meta_suffix(meta)
+        names += [meta, f"linux-{suffix}", f"linux-headers-{suffix}"]
+    return _unique(names)
+
+
 def _ubuntu_distribution(f: dict, plan: dict, kernels: list) -> tuple[list, list, list, list]:
     """Userspace, module and header packages from Canonical's archive."""
     branch = f["branch"]
@@ -666,63 +970,7 @@ def _ubuntu_distribution(f: dict, plan: dict, kernels: list) -> tuple[list, list
     modules: list[str] = []
     headers: list[str] = []
     if f["signed"]:
-        flavours = []
-        for meta in f["metas"]:
-            flavour = ubuntu_module_flavour(meta)
-            if not _known_ubuntu_flavour(flavour):
-                plan["warnings"].append(
-                    f"Canonical publishes no NVIDIA precompiled modules known to this role for the "
-                    f"kernel flavour '{flavour}' ({meta}); if apt cannot find "
-                    f"linux-modules-nvidia-{flavour_variant}-{flavour}, set "
-                    "nvidia_driver_ubuntu_signed_modules: false (DKMS)."
-                )
-            if flavour not in flavours:
-                flavours.append(flavour)
-        modules += [f"linux-modules-nvidia-{flavour_variant}-{flavour}" for flavour in flavours]
-        for kernel in kernels:
-            package = f"linux-modules-nvidia-{flavour_variant}-{kernel}"
-            plan["kernel_module_packages"][kernel] = package
-            modules.append(package)
-            if not _UBUNTU_KERNEL.match(kernel):
-                plan["warnings"].append(
-                    f"Kernel {kernel} is not an Ubuntu archive kernel, so Canonical has no "
-                    f"precompiled NVIDIA module ({package}) for it. Remove it, or set "
-                    "nvidia_driver_ubuntu_signed_modules: false to build the module with DKMS."
-                )
-        if not f["metas"]:
-            plan["warnings"].append(
-                "No linux-image meta package (linux-image-generic, linux-image-generic-hwe-22.04, "
-                "linux-image-aws, ...) is installed: kernels installed later will not get the "
-                "NVIDIA module automatically. Install the meta package of this host's kernel."
-            )
-        plan["notes"].append(
-            "Ubuntu archive with Canonical-signed precompiled modules (load under Secure Boot): "
-            f"linux-modules-nvidia-{flavour_variant}-<flavour> follows the host's linux-image "
-            "meta package(s) "
-            + (", ".join(f["metas"]) if f["metas"] else "(none installed)")
-            + " so every future kernel gets its module, as ubuntu-drivers does "
-            "(canonical/ubuntu-drivers-common UbuntuDrivers/detect.py "
-            "get_linux_modules_metapackage); the per-kernel package "
-            f"linux-modules-nvidia-{flavour_variant}-<kernel> gives each installed kernel "
-            "(" + ", ".join(kernels) + ") its module now. The flavour comes from the meta "
-            "package, not from uname: a 22.04 HWE kernel (6.8.0-xx-generic) belongs to "
-            "generic-hwe-22.04, not generic. linux-image-virtual maps to the generic modules "
-            "(same -generic kernel image). Module packages are never held: a held module "
-            "metapackage stops the next kernel from getting its module."
-        )
-        plan["notes"].append(
-            "Per-kernel packages exist only for kernel ABIs Canonical built this branch for; "
-            "kernel_module_packages maps each kernel to its package so a missing one can be "
-            "reported per kernel (module_check finds kernels left without nvidia.ko)."
-        )
-        if f["version"]:
-            plan["warnings"].append(
-                f"nvidia_driver_version {f['version']} pins the userspace, but Canonical's "
-                "precompiled modules of a kernel are built for the driver version current when "
-                "that kernel was published; if they differ the module and NVML do not match. "
-                "Prefer no exact pin with signed modules, or set "
-                "nvidia_driver_ubuntu_signed_modules: false."
-            )
+        _ubuntu_signed(f, plan, kernels, flavour_variant, modules, headers)
     else:
         modules.append(f"nvidia-dkms-{flavour_variant}")
         headers = _ubuntu_headers(f, plan, kernels)
@@ -740,13 +988,189 @@ def _ubuntu_distribution(f: dict, plan: dict, kernels: list) -> tuple[list, list
     return userspace, modules, headers, []
 
 
+def _ubuntu_signed(
+    f: dict, plan: dict, kernels: list, flavour_variant: str, modules: list, headers: list
+) -> None:
+    """Canonical's signed precompiled modules, and what keeps them consistent with the held
+    userspace.
+
+    Each linux-modules-nvidia-<B>-server[-open]-<kernel> package (and its flavour meta package)
+    depends on nvidia-kernel-common-<B>-server at exactly the driver version it was built for
+    (">= V" and "<= V-1"), as do linux-objects-nvidia-<B>-server[-open]-<kernel> through it and
+    linux-signatures-nvidia-<kernel> [UBU-PKG]. Once the archive moves the branch to a new
+    version, every kernel published after that gets a module package that only the new
+    userspace satisfies. With the userspace held, apt upgrade and unattended-upgrades would
+    still install the new kernel (through linux-image-<flavour>) but keep its module back: the
+    next reboot comes up without a GPU. So the kernel meta packages (linux-image-X, linux-X,
+    linux-headers-X) and the module meta package are held with the userspace (kernel_hold):
+    while held, no new kernel ABI arrives and nothing changes; nvidia_driver_upgrade: true
+    moves driver, module meta and kernel meta packages together.
+    """
+    branch = f["branch"]
+    common = f"nvidia-kernel-common-{branch}-server"
+    dkms = f"nvidia-dkms-{flavour_variant}"
+    target = _target_driver(f, common)
+    plan["driver_target_version"] = target
+    flavours = []
+    for meta in f["metas"]:
+        flavour = ubuntu_module_flavour(meta)
+        if not _known_ubuntu_flavour(flavour):
+            plan["warnings"].append(
+                f"Canonical publishes no NVIDIA precompiled modules known to this role for the "
+                f"kernel flavour '{flavour}' ({meta}); if apt cannot find "
+                f"linux-modules-nvidia-{flavour_variant}-{flavour}, set "
+                "nvidia_driver_ubuntu_signed_modules: false (DKMS)."
+            )
+        if flavour not in flavours:
+            flavours.append(flavour)
+    module_metas = [f"linux-modules-nvidia-{flavour_variant}-{flavour}" for flavour in flavours]
+    abi_packages = {
+        kernel: f"linux-modules-nvidia-{flavour_variant}-{kernel}" for kernel in kernels
+    }
+    plan["probe_packages"] = _unique(
+        [common, dkms]
+        + module_metas
+        + list(abi_packages.values())
+        + [f"linux-headers-{kernel}" for kernel in kernels]
+    )
+    plan["kernel_hold"] = _unique(module_metas + _ubuntu_kernel_metas(f))
+
+    for meta in module_metas:
+        spec, why = _choose(f, meta, target)
+        if spec:
+            modules.append(spec)
+        else:
+            plan["warnings"].append(
+                f"{why}: it is not installed now, so kernels installed later get no module from "
+                "it. The kernel meta packages stay held (no new kernel arrives); run the role "
+                "with nvidia_driver_upgrade: true to move the driver and the kernels together."
+            )
+
+    missing: list[tuple[str, str]] = []
+    for kernel in kernels:
+        package = abi_packages[kernel]
+        if not _UBUNTU_KERNEL.match(kernel):
+            plan["warnings"].append(
+                f"Kernel {kernel} is not an Ubuntu archive kernel, so Canonical has no "
+                f"precompiled NVIDIA module ({package}) for it. Remove it, or set "
+                "nvidia_driver_ubuntu_signed_modules: false to build the module with DKMS."
+            )
+        spec, why = _choose(f, package, target)
+        if spec:
+            plan["kernel_module_packages"][kernel] = spec
+            modules.append(spec)
+        else:
+            missing.append((kernel, why))
+
+    if missing:
+        dkms_spec, dkms_why = _choose(f, dkms, target)
+        for kernel, why in missing:
+            header = f"linux-headers-{kernel}"
+            if dkms_spec and _available(f, header):
+                plan["dkms_fallback_kernels"].append(kernel)
+                plan["kernel_header_packages"][kernel] = header
+                headers.append(header)
+            else:
+                no_dkms = dkms_why if not dkms_spec else f"{header} is not in the archive"
+                _without_module(
+                    plan,
+                    kernel,
+                    f"{why}; no DKMS build either ({no_dkms})",
+                    f"boot another kernel and remove this one (apt purge linux-image-{kernel}), "
+                    "or run the role with nvidia_driver_upgrade: true (driver, module and kernel "
+                    "meta packages move together to the archive's newest) and reboot",
+                )
+        if plan["dkms_fallback_kernels"]:
+            modules.append(dkms_spec)
+            plan["warnings"].append(
+                "No precompiled module of driver "
+                + (target or "(any)")
+                + " for kernel(s) "
+                + ", ".join(plan["dkms_fallback_kernels"])
+                + f": {dkms} builds one with DKMS there (as ubuntu-drivers falls back to DKMS). "
+                "DKMS modules are signed only with the DKMS MOK: under Secure Boot enrol it "
+                "(mokutil --import /var/lib/shim-signed/mok/MOK.der, reboot, confirm) or boot a "
+                "kernel that has Canonical's module."
+            )
+    if not f["metas"]:
+        plan["warnings"].append(
+            "No linux-image meta package (linux-image-generic, linux-image-generic-hwe-22.04, "
+            "linux-image-aws, ...) is installed: kernels installed later will not get the "
+            "NVIDIA module automatically. Install the meta package of this host's kernel."
+        )
+    plan["notes"].append(
+        "Ubuntu archive with Canonical-signed precompiled modules (load under Secure Boot): "
+        f"linux-modules-nvidia-{flavour_variant}-<flavour> follows the host's linux-image "
+        "meta package(s) "
+        + (", ".join(f["metas"]) if f["metas"] else "(none installed)")
+        + " as ubuntu-drivers does (canonical/ubuntu-drivers-common UbuntuDrivers/detect.py "
+        "get_linux_modules_metapackage); the per-kernel package "
+        f"linux-modules-nvidia-{flavour_variant}-<kernel> gives each installed kernel "
+        "(" + ", ".join(kernels) + ") its module now. The flavour comes from the meta "
+        "package, not from uname: a 22.04 HWE kernel (6.8.0-xx-generic) belongs to "
+        "generic-hwe-22.04, not generic. linux-image-virtual maps to the generic modules "
+        "(same -generic kernel image)."
+    )
+    plan["notes"].append(
+        "Canonical builds each kernel's module package for one driver version and makes it "
+        f"depend on {common} at exactly that version. Held with the userspace (kernel_hold: "
+        + ", ".join(plan["kernel_hold"])
+        + "): the module meta package and the kernel meta packages, so that apt upgrade and "
+        "unattended-upgrades cannot install a kernel whose module needs a newer driver than the "
+        "held one (they keep it back instead: nothing changes). Per-kernel module packages are "
+        "not held; a new build of them needs the new driver and is kept back by the held "
+        "userspace. nvidia_driver_upgrade: true upgrades driver, module and kernel meta "
+        "packages together."
+    )
+    plan["notes"].append(
+        "Per-kernel packages exist only for kernel ABIs Canonical built this branch for; "
+        "with the archive looked up (apt_versions) each kernel gets the build of driver "
+        + (target or "(not known yet)")
+        + ", else a DKMS build (nvidia-dkms + linux-headers-<kernel>), else it is named in "
+        "kernels_without_module."
+    )
+    if f["version"]:
+        plan["warnings"].append(
+            f"nvidia_driver_version {f['version']} pins the userspace, but Canonical's "
+            "precompiled modules of a kernel are built for the driver version current when "
+            "that kernel was published; kernels without a module of that version get a DKMS "
+            "build or none. Prefer no exact pin with signed modules, or set "
+            "nvidia_driver_ubuntu_signed_modules: false."
+        )
+
+
 def _headers(f: dict, plan: dict, kernels: list, meta_examples: str) -> list:
     """linux-headers-<flavour> of each kernel meta package (so DKMS builds for kernels
     installed later) plus linux-headers-<kernel> for every installed kernel."""
-    headers = [f"linux-headers-{_meta_suffix(meta)}" for meta in f["metas"]]
+    meta_headers = [f"linux-headers-{_meta_suffix(meta)}" for meta in f["metas"]]
+    plan["probe_packages"] = _unique(
+        plan["probe_packages"] + meta_headers + [f"linux-headers-{kernel}" for kernel in kernels]
+    )
+    headers = []
+    for header in meta_headers:
+        if _available(f, header):
+            headers.append(header)
+        else:
+            plan["warnings"].append(
+                f"{header} is not in the archive: kernels installed later get no headers, so "
+                "DKMS cannot build the NVIDIA module for them. Install the headers meta package "
+                "of this host's kernel flavour by hand."
+            )
     for kernel in kernels:
-        plan["kernel_header_packages"][kernel] = f"linux-headers-{kernel}"
-        headers.append(f"linux-headers-{kernel}")
+        header = f"linux-headers-{kernel}"
+        if _available(f, header):
+            plan["kernel_header_packages"][kernel] = header
+            headers.append(header)
+        else:
+            _without_module(
+                plan,
+                kernel,
+                f"{header} is not in the archive any more (the archive keeps the headers of "
+                "current kernels only), so DKMS cannot build the module for it",
+                f"boot the newest kernel and remove this one (apt purge linux-image-{kernel}), "
+                "or install its headers from an archive snapshot (snapshot.debian.org) and run "
+                "the role again",
+            )
     if not f["metas"]:
         plan["warnings"].append(
             f"No linux-image meta package ({meta_examples}) is installed, so no linux-headers "
@@ -947,9 +1371,15 @@ def plan(facts: dict) -> dict:
     """The packages, holds and Fabric Manager decision for one host. See module docstring.
 
     Output keys: packages, module_packages, header_packages, kernel_module_packages,
-    kernel_header_packages, hold, driver_version_package, pinning_package, fabricmanager,
-    fabricmanager_packages, fabricmanager_unpinned_packages, persistenced_service,
-    fabricmanager_service, module_check, errors, warnings, notes.
+    kernel_header_packages, hold, kernel_hold, driver_version_package, pinning_package,
+    fabricmanager, fabricmanager_packages, fabricmanager_unpinned_packages,
+    persistenced_service, fabricmanager_service, module_check, probe_packages,
+    driver_target_version, dkms_fallback_kernels, kernels_without_module, errors, warnings,
+    notes.
+
+    Optional facts: apt_versions (nvidia_driver_parse_apt_show of ``apt-cache show`` of the
+    previous plan's probe_packages; without it every package is assumed to exist),
+    installed_versions (ansible_facts.packages), upgrade (nvidia_driver_upgrade).
     """
     f = _check_facts(facts)
     kernels = []
@@ -1053,6 +1483,16 @@ def plan(facts: dict) -> dict:
     else:
         packages, modules, headers, unpinned = _debian_distribution(f, result, kernels)
 
+    if result["kernels_without_module"]:
+        warnings.append(
+            "These installed kernels will boot without an NVIDIA module (GPU workers fail there): "
+            + "; ".join(
+                f"{item['kernel']}: {item['reason']}. Fix: {item['fix']}"
+                for item in result["kernels_without_module"]
+            )
+            + "."
+        )
+
     if not f["container"] and f["kernel"] not in kernels:
         warnings.append(
             f"The running kernel {f['kernel']} has no /boot/vmlinuz-{f['kernel']} (removed?); "
@@ -1067,6 +1507,7 @@ def plan(facts: dict) -> dict:
     dkms_packages = [m for m in modules if m not in kernel_versioned]
     pinned_driver = pin_packages(driver_packages + dkms_packages, f["version"])
     pinned_map = dict(zip(driver_packages + dkms_packages, pinned_driver, strict=True))
+    dkms_packages = [m.split("=", 1)[0] for m in dkms_packages]
 
     ordered = [pinned_map.get(p, p) for p in packages]
     ordered += [pinned_map.get(m, m) for m in modules]
@@ -1087,7 +1528,13 @@ def plan(facts: dict) -> dict:
     notes.append(
         "Holds (dpkg) keep apt upgrade from moving the userspace away from the loaded module: "
         + (", ".join(result["hold"]) or "none")
-        + ". Canonical's linux-modules-nvidia-* and linux-headers-* are never held."
+        + (
+            "; with Canonical's modules also the module and kernel meta packages "
+            + ", ".join(result["kernel_hold"])
+            if result["kernel_hold"]
+            else ""
+        )
+        + ". Per-kernel linux-modules-nvidia-* and linux-headers-* are never held."
     )
 
     _fabricmanager(f, result)
@@ -1100,6 +1547,10 @@ def plan(facts: dict) -> dict:
             "hold",
             "fabricmanager_packages",
             "fabricmanager_unpinned_packages",
+            "kernel_hold",
+            "probe_packages",
+            "dkms_fallback_kernels",
+            "kernels_without_module",
         ):
             result[key] = []
         for key in ("kernel_module_packages", "kernel_header_packages"):
@@ -1133,4 +1584,7 @@ class FilterModule:
             "nvidia_driver_pin_packages": pin_packages,
             "nvidia_driver_kernels_missing_module": kernels_missing_module,
             "nvidia_driver_kernel_meta_packages": kernel_meta_packages,
+            "nvidia_driver_parse_apt_show": parse_apt_show,
+            "nvidia_driver_secure_boot_state": secure_boot_state,
+            "nvidia_driver_platform_error": platform_error,
         }
