@@ -23,6 +23,8 @@ class AclUser:
     commands: tuple[str, ...]
     keys: tuple[str, ...]
     channels: tuple[str, ...]
+    # Redis 7 selectors, each the words inside one `(...)` (redis_acl_worker_selectors).
+    selectors: tuple[str, ...] = ()
 
     def rules(self, password: str) -> list[str]:
         """The words after `user` in redis.conf (roles/redis/templates/redis.conf.j2)."""
@@ -36,21 +38,27 @@ class AclUser:
             *(f"+{c.lower()}" for c in self.commands),
             *(f"~{k}" for k in self.keys),
             *(f"&{c}" for c in self.channels),
+            *(f"({s})" for s in self.selectors),
         ]
 
 
 def role_users() -> dict[str, AclUser]:
+    """As roles/redis/vars/main.yml (_redis_acl_app_users) builds them: a role with selectors
+    (the workers) gets Celery's keys only through them."""
     d = yaml.safe_load(DEFAULTS.read_text())
-    return {
-        role: AclUser(
+    users = {}
+    for role in ROLES:
+        selectors = tuple(d.get(f"redis_acl_{role}_selectors", []))
+        celery_keys = [] if selectors else d["redis_acl_celery_keys"]
+        users[role] = AclUser(
             role=role,
             name=d[f"redis_acl_{role}_user"],
             commands=tuple(d["redis_acl_common_commands"] + d[f"redis_acl_{role}_commands"]),
-            keys=tuple(d["redis_acl_celery_keys"] + d[f"redis_acl_{role}_keys"]),
+            keys=tuple(celery_keys + d[f"redis_acl_{role}_keys"]),
             channels=tuple(d["redis_acl_channels"]),
+            selectors=selectors,
         )
-        for role in ROLES
-    }
+    return users
 
 
 def password(role: str) -> str:

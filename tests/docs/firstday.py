@@ -25,6 +25,7 @@ import argparse
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -304,8 +305,12 @@ def check_fleet(user: User, jobs: int) -> None:
     conf = docker("exec", SERVER, "cat", "/etc/ganesha/ganesha.conf").stdout
     for name in GPU:
         assert f"Clients = {name};" in conf, f"{name} is not in the server's export:\n{conf}"
-    url = f"http://{user.addresses[SERVER]}:8000"
-    with httpx.Client(base_url=url, headers={"X-API-Key": api_key(user)}, timeout=30) as c:
+    # The API serves HTTPS off loopback, verified with the morag_api role's CA.
+    url = f"https://{user.addresses[SERVER]}:8000"
+    ca = user.repo / "inventory" / "mysite" / ".secrets" / "api-tls" / "ca.crt"
+    verify = ssl.create_default_context(cafile=str(ca))
+    headers = {"X-API-Key": api_key(user)}
+    with httpx.Client(base_url=url, headers=headers, timeout=30, verify=verify) as c:
         deadline = time.monotonic() + 120
         while True:
             found = c.get("/api/v1/workers").json()

@@ -82,6 +82,18 @@ class Facts:
                 values[key.strip()] = value
         return values
 
+    def api_base(self) -> tuple[str, str | None]:
+        """The API's URL on this host and the CA file that verifies it (None: plain HTTP).
+        TLS is on when the unit hands the API a certificate (roles/morag_api)."""
+        port = self.var("morag_api_port", 8000)
+        unit = self.host.run("systemctl show -p Environment --value morag-api").stdout
+        if "MORAG_API_TLS_CERT_FILE=" not in unit:
+            return f"http://127.0.0.1:{port}", None
+        ca = self.env().get("MORAG_API_CA_FILE") or self.var(
+            "morag_api_tls_ca_cert_file", "/etc/morag/api-tls/ca.crt"
+        )
+        return f"https://127.0.0.1:{port}", ca
+
     def venv_python(self, code: str, sudo: bool = True):
         cmd = f"{VENV_PYTHON} -c {shlex.quote(code)}"
         if sudo:

@@ -14,12 +14,15 @@ ENV_FILE = "/etc/morag/morag.env"  # as in conftest.py
 TOKEN_FILE = "/etc/prometheus/morag-metrics-token"
 
 
-def _http(host, url: str, auth: str | None = None):
+def _http(host, url: str, auth: str | None = None, ca: str | None = None):
     """GET ``url`` from the host itself: (status, body text). ``auth``: None, or which secret
     of the host's env file to send (read there, so it never shows in a process list):
-    ``metrics`` (Bearer MORAG_METRICS_TOKEN), ``api_key`` (X-API-Key), ``api_key_bearer``."""
+    ``metrics`` (Bearer MORAG_METRICS_TOKEN), ``api_key`` (X-API-Key), ``api_key_bearer``.
+    ``ca``: the CA file an https:// URL is verified with (read as root)."""
     code = (
-        "import json, urllib.request as u\n"
+        "import json, ssl, urllib.request as u\n"
+        f"ca = {ca!r}\n"
+        "context = ssl.create_default_context(cafile=ca) if ca else None\n"
         f"auth, env = {auth!r}, {{}}\n"
         "if auth:\n"
         f"    for line in open({ENV_FILE!r}):\n"
@@ -34,13 +37,13 @@ def _http(host, url: str, auth: str | None = None):
         "}[auth]\n"
         f"req = u.Request({url!r}, headers=headers)\n"
         "try:\n"
-        "    r = u.urlopen(req, timeout=10); status, body = r.status, r.read()\n"
+        "    r = u.urlopen(req, timeout=10, context=context); status, body = r.status, r.read()\n"
         "except u.HTTPError as e:\n"
         "    status, body = e.code, e.read()\n"
         "print(json.dumps([status, body.decode(errors='replace')]))\n"
     )
     cmd = f"python3 -c {shlex.quote(code)}"
-    if auth:
+    if auth or ca:
         with host.sudo():
             out = host.run(cmd)
     else:
@@ -70,23 +73,25 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
-def _api_metrics_url(server) -> str:
-    return f"http://127.0.0.1:{server.var('morag_api_port', 8000)}/metrics"
+def _api_metrics_url(server) -> tuple[str, str | None]:
+    """/metrics on the server and the CA that verifies it (None: plain HTTP)."""
+    base, ca = server.api_base()
+    return f"{base}/metrics", ca
 
 
 def test_metrics_refuse_anything_but_the_bearer_token(server):
     env = server.env()
-    url = _api_metrics_url(server)
-    status, _ = _http(server.host, url)
+    url, ca = _api_metrics_url(server)
+    status, _ = _http(server.host, url, ca=ca)
     if not env.get("MORAG_METRICS_TOKEN"):
         assert status == 404, "without MORAG_METRICS_TOKEN /metrics must be off"
         return
     assert status == 401
     if env.get("MORAG_API_KEYS"):
         for auth in ("api_key", "api_key_bearer"):
-            status, _ = _http(server.host, url, auth)
+            status, _ = _http(server.host, url, auth, ca)
             assert status == 401, "an API key must not open /metrics"
-    status, body = _http(server.host, url, "metrics")
+    status, body = _http(server.host, url, "metrics", ca)
     assert status == 200 and "morag_workers" in body
 
 

@@ -66,15 +66,37 @@ def test_redis_persistence_and_policy(server):
 
 
 def test_api_health_and_auth(server):
-    port = server.var("morag_api_port", 8000)
-    out = server.host.run(
-        'python3 -c "import urllib.request as u\n'
-        "def get(p):\n"
-        f"  try: return u.urlopen('http://127.0.0.1:{port}' + p, timeout=10).status\n"
-        "  except u.HTTPError as e: return e.code\n"
-        "print(get('/health'), get('/api/v1/workers'))\""
-    )
+    base, ca = server.api_base()
+    context = f"ssl.create_default_context(cafile={ca!r})" if ca else "None"
+    with server.host.sudo():  # the CA is under /etc/morag (root:morag 0750)
+        out = server.host.run(
+            'python3 -c "import ssl, urllib.request as u\n'
+            "def get(p):\n"
+            f"  try: return u.urlopen('{base}' + p, timeout=10, context={context}).status\n"
+            "  except u.HTTPError as e: return e.code\n"
+            "print(get('/health'), get('/api/v1/workers'))\""
+        )
     assert out.rc == 0, out.stderr
     health, workers = out.stdout.split()
     assert health == "200"
     assert workers in ("401", "403"), "the API must refuse requests without a key"
+
+
+def test_api_is_tls_only_and_verified_with_its_ca(server):
+    """Off loopback the API serves HTTPS only (roles/morag_api): plain HTTP gets no answer,
+    and a client that does not trust the role's CA is refused."""
+    base, ca = server.api_base()
+    if ca is None:
+        pytest.skip("the API serves plain HTTP here (loopback only)")
+    plain = base.replace("https://", "http://")
+    out = server.host.run(
+        'python3 -c "import urllib.request as u\n'
+        "def get(url):\n"
+        "  try: u.urlopen(url, timeout=10); return 'answered'\n"
+        "  except Exception as e: return type(e).__name__ + ':' + str(e).replace(' ', '_')\n"
+        f"print(get('{plain}/health'), get('{base}/health'))\""
+    )
+    assert out.rc == 0, out.stderr
+    over_http, untrusted = out.stdout.split()
+    assert over_http != "answered", "the API answered plain HTTP"
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted, untrusted

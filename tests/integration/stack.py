@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,14 @@ class Stack:
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
         self.api_port = api_port
-        self.api_url = f"http://127.0.0.1:{api_port}"
+        # With api_tls_cert_file the API serves HTTPS; api_ca_file is what clients trust.
+        scheme = "https" if "api_tls_cert_file" in settings else "http"
+        self.api_url = f"{scheme}://127.0.0.1:{api_port}"
+        self.verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(settings["api_ca_file"]))
+            if "api_ca_file" in settings
+            else True
+        )
         self.redis = redis.Redis.from_url(redis_url)
         self.users = users
         self.env = {
@@ -108,7 +116,8 @@ class Stack:
 
         def healthy() -> bool:
             try:
-                return httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200
+                resp = httpx.get(f"{self.api_url}/health", timeout=1, verify=self.verify)
+                return resp.status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -181,7 +190,7 @@ class Stack:
     # -- HTTP -----------------------------------------------------------------------------
     def client(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"X-API-Key": key} if key else {}
-        return httpx.Client(base_url=self.api_url, headers=headers, timeout=60)
+        return httpx.Client(base_url=self.api_url, headers=headers, timeout=60, verify=self.verify)
 
     def ingest(
         self,

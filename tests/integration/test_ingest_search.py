@@ -71,7 +71,7 @@ def ingested(stack: Stack, docs: dict[str, Path], web: str) -> dict[str, dict[st
                 files={"file": (docs[name].name, f)},
                 data={
                     "gpu": str(i % 2 == 0).lower(),
-                    "metadata": json.dumps({"team": "docs", "n": i}),
+                    "metadata": json.dumps({"team": "docs", "n": i, "weight": i + 0.5}),
                 },
             )
         assert resp.status_code == 202, resp.text
@@ -140,6 +140,30 @@ def test_paraphrased_query_finds_the_sentence(
     assert top["job_id"] == ingested[name]["task_id"]
     assert top["score"] > 0.3 and isinstance(top["chunk_index"], int)
     assert top["content_type"] in ("document", "web")
+
+
+def test_a_number_in_a_filter_matches_stored_numbers(
+    stack: Stack, ingested: dict[str, dict[str, Any]]
+) -> None:
+    # A float used to reach Qdrant's MatchValue, fail on the store worker and answer 503.
+    hits = _search(stack, "bees and flowers", filter={"weight": 2.5})
+    assert hits and {h["job_id"] for h in hits} == {ingested["pdf"]["task_id"]}
+    # 1.0 matches the integer 1 that was stored.
+    hits = _search(stack, "bread", filter={"n": 1.0})
+    assert hits and {h["job_id"] for h in hits} == {ingested["pptx"]["task_id"]}
+    assert _search(stack, "bread", filter={"weight": 0.25}) == []
+
+
+def test_a_filter_value_that_is_no_number_is_a_422(stack: Stack) -> None:
+    # Python's JSON parser reads NaN; it matches nothing and must not reach the store.
+    with stack.client() as c:
+        resp = c.post(
+            "/api/v1/search",
+            content=b'{"query": "x", "filter": {"weight": NaN}}',
+            headers={"Content-Type": "application/json"},
+        )
+    assert resp.status_code == 422, resp.text
+    assert "filter" in str(resp.json()["detail"])
 
 
 def test_filter_and_delete_by_source(

@@ -167,6 +167,8 @@ def test_lua_runs_with_the_callers_permissions(acl_redis: AclRedis) -> None:
         ("worker", "morag:outbox:webhooks", True),  # owed webhooks: job ids, with the end
         ("worker", "morag:outbox:other", False),
         ("worker", "morag:reply:abc", False),
+        ("worker", "morag:vector-request:abc", False),  # the API's orders to the store
+        ("store", "morag:vector-request:abc", True),
         ("worker", "qdrant", False),
         ("store", "morag:webhook:abc", True),
         ("store", "morag:reply:abc", True),
@@ -179,12 +181,58 @@ def test_key_patterns(acl_redis: AclRedis, role: str, key: str, allowed: bool) -
     client = acl_redis.client(role)
     if allowed:
         assert client.set(key, "1")
-        assert client.delete(key) == 1
+        # Workers may DEL only a few of their keys (test_a_worker_cannot_destroy_or_command).
+        assert (acl_redis.client() if role == "worker" else client).delete(key) == 1
     else:
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.set(key, "1")
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.delete(key)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("DEL", "celery"),
+        ("DEL", "gpu-tasks"),
+        ("UNLINK", "morag-store"),
+        ("SET", "celery", "x"),
+        ("EXPIRE", "gpu-tasks", "0"),
+        ("DEL", "_kombu.binding.celery"),
+        ("SREM", "_kombu.binding.morag-store", "x"),
+        ("DEL", "unacked"),
+        ("DEL", "unacked_index"),
+        ("DEL", "morag:job:abc"),
+        ("UNLINK", "morag:job:abc"),
+        ("BRPOP", "morag-store", "1"),
+        ("RPOP", "morag-store"),
+        ("LRANGE", "morag-store", "0", "-1"),
+        ("PUBLISH", "/0.celery.pidbox", "{}"),
+        ("PUBLISH", "/7.celery.pidbox", "{}"),
+    ],
+)
+def test_a_worker_cannot_destroy_or_command(acl_redis: AclRedis, command: tuple[str, ...]) -> None:
+    """A GPU/CPU worker's credential (redis_acl_worker_selectors): no DEL/SET/EXPIRE of a queue,
+    a binding, the unacked hash or a job record; no taking the store's messages; no PUBLISH on
+    Celery's remote-control channel (revoke, shutdown, add_consumer to every worker)."""
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        acl_redis.client("worker").execute_command(*command)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("LPUSH", "morag-store", "msg"),  # store_job, deliver_webhook
+        ("LPUSH", "celery", "msg"),
+        ("BRPOP", "celery", "gpu-tasks", "1"),  # consume (rescue: gpu-tasks too)
+        ("SET", "morag:lease:abc", "me"),
+        ("DEL", "morag:lease:abc"),
+        ("SET", "morag:job:abc", "{}"),  # a worker writes records (the job store's checks)
+        ("PUBLISH", "/0.celeryev/worker.heartbeat", "{}"),  # MORAG_CELERY_EVENTS
+    ],
+)
+def test_a_worker_can_still_do_its_work(acl_redis: AclRedis, command: tuple[str, ...]) -> None:
+    acl_redis.client("worker").execute_command(*command)
 
 
 def test_default_password_is_not_an_app_user(acl_redis: AclRedis) -> None:

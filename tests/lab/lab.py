@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,8 @@ SERVER = "morag-lab-server"
 GPU_WORKERS = ["morag-lab-gpu1", "morag-lab-gpu2"]
 CPU_WORKERS = ["morag-lab-cpu1"]
 CONTAINERS = [SERVER, *GPU_WORKERS, *CPU_WORKERS]
-API_URL = os.environ.get("MORAG_LAB_API_URL", "http://127.0.0.1:8080")
+# The lab's API serves HTTPS (it listens on the lab network) with the morag_api role's CA.
+API_URL = os.environ.get("MORAG_LAB_API_URL", "https://127.0.0.1:8080")
 API_PUBLISH = os.environ.get("MORAG_LAB_API_PUBLISH", "127.0.0.1:8080")
 SENTENCE = "Please send the report to the office before Friday."
 
@@ -150,7 +152,9 @@ def provision() -> None:
 
 def client() -> httpx.Client:
     key = API_KEY_FILE.read_text().strip()
-    return httpx.Client(base_url=API_URL, headers={"X-API-Key": key}, timeout=30)
+    ca = INVENTORY / ".secrets" / "api-tls" / "ca.crt"
+    verify = ssl.create_default_context(cafile=str(ca)) if API_URL.startswith("https") else True
+    return httpx.Client(base_url=API_URL, headers={"X-API-Key": key}, timeout=30, verify=verify)
 
 
 def workers() -> list[dict]:

@@ -129,6 +129,7 @@ def test_downloads_connect_to_the_checked_address_once_resolved(
         allowlist=["localhost"],
         max_bytes=10_000,
         timeout=10,
+        deadline=30,  # well within: the deadline changes nothing for a prompt server
     )
     assert (tmp_path / "out.html").read_text().startswith("<html>")
     # One lookup of the name, by the policy; the connection went to the IP it checked
@@ -286,3 +287,119 @@ def test_a_slow_drip_download_is_stopped_at_the_tool_timeout(tmp_path: Path) -> 
     finally:
         server.shutdown()
     assert time.monotonic() - started < 20  # the whole file would take about 50 s
+
+
+# Private IPv4 addresses written as IPv6: the policy decides by the IPv4 address inside.
+EMBEDDED_PRIVATE = [
+    "http://[::127.0.0.1]/",  # IPv4-compatible (deprecated)
+    "http://[::ffff:10.0.0.1]/",  # IPv4-mapped
+    "http://[64:ff9b::10.0.0.1]/",  # NAT64 well-known prefix
+    "http://[64:ff9b::169.254.169.254]/",  # ... to a cloud metadata service
+    "http://[64:ff9b:1::a00:1]/",  # NAT64 local-use prefix: a site's own translator
+    "http://[2002:a00:1::1]/",  # 6to4 of 10.0.0.1
+    "http://[2002:7f00:1::1]/",  # 6to4 of 127.0.0.1
+    "http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/",  # Teredo, client 10.0.0.1
+]
+
+
+@pytest.mark.parametrize("url", EMBEDDED_PRIVATE)
+def test_private_ipv4_in_an_ipv6_form_is_refused(url: str) -> None:
+    with pytest.raises(urls.UrlRefused, match=r"private, loopback or link-local|local-use"):
+        urls.check_url(url, [])
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[64:ff9b::8.8.8.8]/", "http://[2002:808:808::1]/", "http://[::ffff:8.8.8.8]/"]
+)
+def test_public_ipv4_in_an_ipv6_form_is_accepted(url: str) -> None:
+    assert urls.check_url(url, []) == url
+
+
+def test_the_allowlist_opens_an_embedded_address_by_its_ipv4_network() -> None:
+    assert urls.check_url("http://[64:ff9b::10.0.0.1]/", ["10.0.0.0/8"])
+
+
+def test_a_dns_answer_in_an_ipv6_form_is_refused_at_connect_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The name passes nothing by itself: the resolver answers a NAT64 form of a private
+    # address (what a rebinding DNS server would send). No DNS server of ours can answer
+    # for a name here, so the answer is given to getaddrinfo's caller directly.
+    def nat64_answer(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::7f00:1", port, 0, 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", nat64_answer)
+    with pytest.raises(urls.UrlRefused, match=r"64:ff9b::7f00:1 \(it carries the IPv4 address"):
+        urls.download(
+            "http://rebind.example/x", tmp_path / "x", allowlist=[], max_bytes=10, timeout=5
+        )
+
+
+def _through_proxy(proxy: str, request_line: str) -> bytes:
+    # Raw bytes: httpx writes an IPv6 proxy target without its brackets.
+    host, port = proxy.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"{request_line}\r\nHost: x\r\n\r\n".encode())
+        return sock.recv(65536)
+
+
+def test_the_proxy_refuses_ipv6_forms_of_private_addresses(sites: dict[str, Any]) -> None:
+    port = sites["private"].rsplit(":", 1)[1]
+    with policy_proxy(ALLOW, 10) as (proxy, refusals):
+        answers = [
+            _through_proxy(proxy, f"GET http://[::127.0.0.2]:{port}/secret.txt HTTP/1.1"),
+            _through_proxy(proxy, f"GET http://[64:ff9b::127.0.0.2]:{port}/secret.txt HTTP/1.1"),
+            _through_proxy(proxy, f"CONNECT [2002:7f00:2::1]:{port} HTTP/1.1"),
+        ]
+    assert all(a.startswith(b"HTTP/1.1 403") for a in answers), answers
+    assert len(refusals.refused) == 3
+    assert all("carries the IPv4 address 127.0.0.2" in r for r in refusals.refused)
+    assert sites["private_site"].hosts == []
+
+
+class _SlowPage(http.server.BaseHTTPRequestHandler):
+    """A page sent one byte every 0.2 s (each byte well within the read timeout), the
+    headers too when the path asks for it; about 10 s in all."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body>" + b"x" * 30 + b"</body></html>"
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        if self.path == "/slow-headers":
+            slow, fast = head + body, b""
+        else:
+            slow, fast = body, head
+        try:
+            self.wfile.write(fast)
+            for i in range(len(slow)):
+                self.wfile.write(slow[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass  # the client gave up: what the test wants
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("path", ["/slow-body", "/slow-headers"])
+def test_a_web_fetch_stops_at_its_overall_deadline(tmp_path: Path, path: str) -> None:
+    from morag.config import Settings
+    from morag.processors.base import ProcessContext
+    from morag.processors.web import WebProcessor
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    settings = Settings(url_allowlist=ALLOW, url_timeout=10, web_fetch_deadline=1.0)
+    ctx = ProcessContext(settings, "cpu", tmp_path, lambda _: None, source_url=url)
+    started = time.monotonic()
+    try:
+        with pytest.raises(urls.UrlRefused, match=r"took longer than 1s"):
+            WebProcessor().process(tmp_path, {}, ctx)
+    finally:
+        server.shutdown()
+    # The page takes about 10 s to arrive; a loaded machine still stops well before.
+    assert time.monotonic() - started < 8

@@ -65,13 +65,15 @@ def api(
     import uvicorn
 
     from morag.api.app import ConfigurationError, create_app
+    from morag.api.server import uvicorn_options
 
+    settings = _settings()
     try:
-        application = create_app(_settings())
+        application = create_app(settings)
     except ConfigurationError as exc:
         err.print(f"[red]cannot start the API:[/red] {exc}")
         raise typer.Exit(2) from exc
-    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(application, host=host, port=port, **uvicorn_options(settings))
 
 
 @app.command()
@@ -167,7 +169,15 @@ def gpu_check(
 
 
 def _client(api_url: str, api_key: str | None) -> httpx.Client:
-    return httpx.Client(base_url=api_url, headers={"X-API-Key": _key(api_key)}, timeout=60.0)
+    # An https:// API's certificate is verified against MORAG_API_CA_FILE (or the system's).
+    try:
+        verify = _settings().api_tls_verify()
+    except OSError as exc:
+        err.print(f"[red]cannot load MORAG_API_CA_FILE:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    return httpx.Client(
+        base_url=api_url, headers={"X-API-Key": _key(api_key)}, timeout=60.0, verify=verify
+    )
 
 
 def _request(client: httpx.Client, method: str, url: str, **kwargs: Any) -> Any:

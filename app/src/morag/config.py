@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
     # Bearer token Prometheus sends to GET /metrics; unset: /metrics answers 404.
     metrics_token: SecretStr | None = None
     api_url: str = "http://127.0.0.1:8000"
+    # TLS of the API. The API serves HTTPS with both files set (plain HTTP with neither: fine
+    # on loopback only). Its clients (the CLI, workers downloading uploads) verify the
+    # certificate against api_ca_file, or the system's trust store when it is unset.
+    api_tls_cert_file: Path | None = None
+    api_tls_key_file: Path | None = None
+    api_ca_file: Path | None = None
 
     # Files
     shared_dir: Path = Path("/var/lib/morag/shared")
@@ -49,6 +56,9 @@ class Settings(BaseSettings):
     docling_artifacts_path: Path | None = None  # docling's layout models for PDFs
     ocr_languages: str = "eng"  # tesseract -l value
     web_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Wall-clock limit of a whole web page fetch, redirects included: MORAG_URL_TIMEOUT
+    # bounds each read only, so a server sending a byte at a time could hold a job for hours.
+    web_fetch_deadline: float = Field(default=120.0, gt=0)
     # Time limit of each ffmpeg / tesseract run and yt-dlp download (ffprobe: 60 s at most).
     tool_timeout: float = Field(default=1800.0, gt=0)
 
@@ -99,12 +109,23 @@ class Settings(BaseSettings):
     celery_events: bool = False
 
     # API
+    # Slow clients: a connection whose request line and headers are not complete after
+    # api_header_timeout seconds is closed; past api_limit_concurrency open connections or
+    # running requests a request is answered 503; idle keep-alive connections are closed
+    # after api_keepalive_timeout seconds.
+    api_header_timeout: float = Field(default=10.0, gt=0)
+    api_limit_concurrency: int = Field(default=1024, ge=1)
+    api_backlog: int = Field(default=2048, ge=1)
+    api_keepalive_timeout: int = Field(default=5, ge=1)
     process_wait: float = Field(default=30.0, ge=0)
     # /v1/audio/*: OpenAI clients cannot poll a job id, so they wait this long for the text;
     # `gpu` when the request leaves it out (jobs still fall back to CPU workers).
     openai_wait: float = Field(default=600.0, gt=0)
     openai_gpu: bool = True
     job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
+    # How long an Idempotency-Key is remembered: a retry within it returns the first job.
+    # Capped at job_ttl (a key never outlives the job it names).
+    idempotency_ttl: int = Field(default=24 * 3600, gt=0)
 
     # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.
     fault_injection: bool = False
@@ -126,6 +147,11 @@ class Settings(BaseSettings):
             )
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError("MORAG_CHUNK_OVERLAP must be smaller than MORAG_CHUNK_SIZE")
+        if (self.api_tls_cert_file is None) != (self.api_tls_key_file is None):
+            raise ValueError(
+                "MORAG_API_TLS_CERT_FILE and MORAG_API_TLS_KEY_FILE go together: set both "
+                "(HTTPS) or neither (plain HTTP)"
+            )
         return self
 
     @property
@@ -135,6 +161,12 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.shared_dir / "uploads"
+
+    def api_tls_verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client of the API verifies its certificate with (httpx's verify=)."""
+        if self.api_ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.api_ca_file))
 
     def api_key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]

@@ -1,23 +1,28 @@
-"""Running one delivered job: claim, fetch the input, process, record, fall back on GPU failure."""
+"""Running one delivered job: claim, fetch the input, process, record (or keep the result
+through a long Redis outage), fall back on GPU failure."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from morag import files, fleet, urls
 from morag.celery_app import dispatch
-from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE
+from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings
 from morag.job_record import TERMINAL, JobRecord, Result, Route
+from morag.jobs import Claim, JobStore
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
 from morag.routing import gpu_failure_route, rescued_route
@@ -31,21 +36,157 @@ DECLINE_PAUSE = 2.0  # seconds a worker waits before sending back a job it decli
 
 T = TypeVar("T")
 
+# Error codes Redis answers while it cannot take writes for a while: memory full under
+# noeviction (OOM), a replica (READONLY), a failed snapshot (MISCONF), a busy script (BUSY),
+# a failover (MASTERDOWN, NOREPLICAS, TRYAGAIN, CLUSTERDOWN). Waited out like an outage.
+REFUSALS = frozenset(
+    {"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN"}
+)
 
-def through_outage(rt: Runtime, what: str, call: Callable[[], T]) -> T:
-    """``call()``, retried while Redis is unreachable (a restart, a blip), for up to
-    ``MORAG_REDIS_RETRY_SECONDS``: a finished job's result must not be lost to a blip."""
-    deadline = time.monotonic() + rt.settings.redis_retry_seconds
+
+def redis_reason(exc: redis.RedisError) -> str:
+    """What Redis answered, without redis-py's pipeline prefix (it quotes the command,
+    which may be a job record)."""
+    text = str(exc).rpartition("caused error: ")[2]
+    code = exc.status_code
+    return f"{code} {text}" if code and not text.startswith(code) else text
+
+
+def passing_outage(exc: BaseException) -> str | None:
+    """Why Redis did not take the command, when it is to be waited out (unreachable, or
+    refusing writes for now); None for anything else (a missing permission, a bug)."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"Redis unavailable ({exc})"
+    if isinstance(exc, redis.ResponseError):
+        reason = redis_reason(exc)
+        if reason.split(" ", 1)[0] in REFUSALS:
+            return f"Redis refuses writes ({reason})"
+    return None
+
+
+def through_outage(
+    rt: Runtime, what: str, call: Callable[[], T], *, until_it_answers: bool = False
+) -> T:
+    """``call()``, retried with backoff while Redis is unreachable or refuses writes (a
+    restart, a blip, OOM/READONLY/MISCONF), for up to ``MORAG_REDIS_RETRY_SECONDS``, or for
+    as long as that lasts with ``until_it_answers``. Other Redis errors are raised at once."""
+    deadline = None if until_it_answers else time.monotonic() + rt.settings.redis_retry_seconds
     pause = 0.2
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() >= deadline:
+        except redis.RedisError as exc:
+            why = passing_outage(exc)
+            if why is None or (deadline is not None and time.monotonic() >= deadline):
                 raise
-            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, pause)
+            log.warning("%s: %s; retrying in %.1fs", what, why, pause)
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt ended with, to write into its job."""
+
+    result: Result | None = None
+    error: str | None = None
+    to_store: bool = False  # an ingest job handed to morag-store, which ends it
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An outcome that Redis was away too long to take, kept on disk by ``keep``."""
+
+    task_id: str
+    owner: str
+    outcome: Outcome
+    path: Path
+
+
+def record_outcome(
+    store: JobStore, settings: Settings, task_id: str, owner: str, o: Outcome
+) -> bool:
+    """Write the attempt's outcome; False when the attempt no longer owns the job (the
+    watchdog requeued it, another worker ran it, the client cancelled it)."""
+    if not o.to_store:
+        return store.finish(task_id, owner, result=o.result, error=o.error)
+    assert o.result is not None
+    return store.hand_to_store(
+        task_id, owner, result=o.result, store_resend_after=settings.store_resend_after
+    )
+
+
+def kept_dir(settings: Settings, worker: str) -> Path:
+    """Where a worker keeps the outcomes it could not record (one folder per worker)."""
+    return settings.work_dir / "parked" / worker
+
+
+def keep(settings: Settings, worker: str, task_id: str, owner: str, outcome: Outcome) -> Path:
+    """Keep an outcome on disk for the worker's supervisor (the parent process), which
+    holds the job's lease and records it once Redis takes writes again. On disk, not in
+    memory: the pool child that ran the job hands it over and goes on, and the worker may
+    be restarted (systemd, a deploy, a crash) before Redis is back."""
+    folder = kept_dir(settings, worker)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = (
+        task_id
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,100}", task_id)
+        else (hashlib.sha256(task_id.encode()).hexdigest())
+    )
+    data = {
+        "task_id": task_id,
+        "owner": owner,
+        "result": outcome.result.model_dump(mode="json") if outcome.result else None,
+        "error": outcome.error,
+        "to_store": outcome.to_store,
+        "kept_at": time.time(),
+    }
+    tmp, path = folder / f".{name}.tmp", folder / f"{name}.json"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # results are private
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)  # whole or absent, should the worker die while writing
+    return path
+
+
+def kept_outcomes(settings: Settings, worker: str) -> list[Kept]:
+    """The outcomes this worker keeps; an unreadable file is set aside (``.bad``)."""
+    found = []
+    for path in sorted(kept_dir(settings, worker).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            result = Result.model_validate(data["result"]) if data["result"] else None
+            outcome = Outcome(result=result, error=data["error"], to_store=data["to_store"])
+            found.append(Kept(data["task_id"], data["owner"], outcome, path))
+        except (OSError, ValueError, KeyError, TypeError):
+            log.exception("kept result %s unreadable; set aside", path)
+            path.replace(path.with_suffix(".bad"))
+    return found
+
+
+def record_kept(settings: Settings, client: redis.Redis, store: JobStore, kept: list[Kept]) -> None:
+    """The supervisor records the outcomes kept through an outage (their leases refreshed
+    first). A Redis error is raised: they stay kept for the next tick."""
+    for item in kept:
+        task_id = item.task_id
+        recorded = record_outcome(store, settings, task_id, item.owner, item.outcome)
+        item.path.unlink(missing_ok=True)
+        if not recorded:
+            log.warning(
+                "job %s: the result kept through the Redis outage is discarded: the job "
+                "was requeued, cancelled or ended meanwhile",
+                task_id,
+            )
+            continue
+        log.info("job %s: the result kept through the Redis outage is recorded", task_id)
+        if item.outcome.to_store:
+            try:
+                dispatch(store, task_id, STORE_QUEUE)
+            except Exception:  # the hand-over's outbox entry has it sent later
+                log.warning("job %s: store message not sent now; sent later", task_id)
+        _after_end(settings, client, store.get(task_id))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -110,30 +251,8 @@ def _declined(
 def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     owner = f"{worker}/{os.getpid()}"
     device = rt.device.device
-    beat = through_outage(
-        rt, f"reading the heartbeat of {worker}", lambda: _own_heartbeat(rt, worker)
-    )
-    if through_outage(
-        rt, f"checking job {task_id}", lambda: _declined(rt, task_id, beat, queue, worker)
-    ):
-        return
-    claim = through_outage(
-        rt,
-        f"claiming job {task_id}",
-        lambda: rt.store.claim(
-            task_id,
-            owner=owner,
-            attempt={"queue": queue, "worker": worker, "device": device},
-            max_deliveries=rt.settings.max_deliveries,
-            owner_is_dead=lambda holder: owner_is_dead(holder, worker),
-            route=_rescue_route(beat, queue, worker),
-        ),
-    )
-    if not claim.run:
-        log.info("job %s not run here: %s", task_id, claim.reason)
-        if claim.record is not None:  # the delivery cap ended it
-            _cleanup(rt, claim.record)
-            notify_end(rt.redis, claim.record, resend_after=rt.settings.store_resend_after)
+    claim = _claim(rt, task_id, queue=queue, worker=worker, owner=owner)
+    if claim is None:
         return
     record = claim.record
     assert record is not None
@@ -142,58 +261,121 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
         _set_attempt_device(rt, task_id, owner, device)
     scratch = files.scratch_dir(rt.settings, task_id)
 
-    def finish(**outcome: Any) -> None:
-        through_outage(
-            rt, f"recording job {task_id}", lambda: rt.store.finish(task_id, owner, **outcome)
-        )
-
+    outcome: Outcome | None = None
     try:
         result = _process(rt, record, queue=queue, device=device, owner=owner, scratch=scratch)
     except SoftTimeLimitExceeded:
-        finish(
+        outcome = Outcome(
             error="ran out of time: the job ran past MORAG_JOB_TIME_LIMIT "
             f"({rt.settings.job_time_limit}s)"
         )
-    except ProcessingError as exc:
-        finish(error=str(exc))
-    except files.FileUnavailable as exc:
-        finish(error=str(exc))
-    except urls.UrlRefused as exc:
-        finish(error=str(exc))
+    except (ProcessingError, files.FileUnavailable, urls.UrlRefused) as exc:
+        outcome = Outcome(error=str(exc))
     except Exception as exc:
         if is_gpu_failure(exc) and not record.force_cpu:
             _fall_back_to_cpu(rt, record, owner, worker, exc)
         else:
             log.exception("job %s failed", task_id)
-            finish(error=f"internal error: {type(exc).__name__}: {exc}")
+            outcome = Outcome(error=f"internal error: {type(exc).__name__}: {exc}")
     else:
         if record.store:
             # Storing runs on the server (morag-store); the job succeeds once stored.
-            handed = through_outage(
-                rt,
-                f"handing job {task_id} to the store",
-                lambda: rt.store.hand_to_store(
-                    task_id,
-                    owner,
-                    result=result,
-                    store_resend_after=rt.settings.store_resend_after,
-                ),
-            )
-            if handed:
-                dispatch(rt.store, task_id, STORE_QUEUE)
+            outcome = Outcome(result=result, to_store=True)
         else:
             if record.kind == "ingest":
                 result.metadata["stored"] = False
-            finish(result=result)
+            outcome = Outcome(result=result)
     finally:
         files.drop_scratch(scratch)
+    if outcome is not None and not _record(rt, task_id, owner, worker, outcome):
+        return
     final = through_outage(rt, f"reading job {task_id}", lambda: rt.store.get(task_id))
     if final is not None:
-        _cleanup(rt, final)
         if rt.settings.fault_injection and record.options.get("fault") == "die_before_webhook":
+            _cleanup(rt, final)
             # Test hook: the end (and the webhook it owes) is written, the publish is not.
             os.kill(os.getpid(), signal.SIGKILL)
-        notify_end(rt.redis, final, resend_after=rt.settings.store_resend_after)
+        _after_end(rt.settings, rt.redis, final)
+
+
+def _claim(rt: Runtime, task_id: str, *, queue: str, worker: str, owner: str) -> Claim | None:
+    """Decline or claim a delivered job; the claim when this worker runs it, else None.
+
+    Waits as long as Redis is unreachable or refuses writes (OOM, READONLY, MISCONF): the
+    message cannot be handed back meanwhile (that is a write too), and a task that fails
+    is acknowledged, leaving a queued job without a message. The claim goes through as soon
+    as Redis takes it. Any other Redis error hands the message back to its queue."""
+    try:
+        beat_now = through_outage(
+            rt,
+            f"reading the heartbeat of {worker}",
+            lambda: _own_heartbeat(rt, worker),
+            until_it_answers=True,
+        )
+        if through_outage(
+            rt,
+            f"checking job {task_id}",
+            lambda: _declined(rt, task_id, beat_now, queue, worker),
+            until_it_answers=True,
+        ):
+            return None
+        _hold_before_claim(rt, task_id)
+        claim = through_outage(
+            rt,
+            f"claiming job {task_id}",
+            lambda: rt.store.claim(
+                task_id,
+                owner=owner,
+                attempt={"queue": queue, "worker": worker, "device": rt.device.device},
+                max_deliveries=rt.settings.max_deliveries,
+                owner_is_dead=lambda holder: owner_is_dead(holder, worker),
+                route=_rescue_route(beat_now, queue, worker),
+            ),
+            until_it_answers=True,
+        )
+    except redis.RedisError as exc:
+        log.error(
+            "job %s: Redis refused the claim (%s); its message goes back to %s",
+            task_id,
+            redis_reason(exc),
+            queue,
+        )
+        time.sleep(DECLINE_PAUSE)  # the same answer again at once would only spin
+        raise Reject(redis_reason(exc), requeue=True) from exc
+    except SoftTimeLimitExceeded as exc:  # waited the job's whole time for Redis
+        raise Reject("no claim within the time limit", requeue=True) from exc
+    if not claim.run:
+        log.info("job %s not run here: %s", task_id, claim.reason)
+        if claim.record is not None:  # the delivery cap ended it
+            _after_end(rt.settings, rt.redis, claim.record)
+        return None
+    return claim
+
+
+def _record(rt: Runtime, task_id: str, owner: str, worker: str, outcome: Outcome) -> bool:
+    """Write the outcome through an outage of up to MORAG_REDIS_RETRY_SECONDS; past that, keep
+    it for the supervisor (False), so a finished job is neither lost nor run again."""
+    try:
+        recorded = through_outage(
+            rt,
+            f"recording job {task_id}",
+            lambda: record_outcome(rt.store, rt.settings, task_id, owner, outcome),
+        )
+    except (redis.RedisError, SoftTimeLimitExceeded) as exc:
+        if isinstance(exc, redis.RedisError) and passing_outage(exc) is None:
+            raise
+        path = keep(rt.settings, worker, task_id, owner, outcome)
+        log.warning(
+            "job %s: Redis did not take its result in %ss: %s; kept in %s until it does",
+            task_id,
+            rt.settings.redis_retry_seconds,
+            passing_outage(exc) or "time limit",
+            path,
+        )
+        return False
+    if recorded and outcome.to_store:
+        dispatch(rt.store, task_id, STORE_QUEUE)
+    return True
 
 
 def _set_attempt_device(rt: Runtime, task_id: str, owner: str, device: str) -> None:
@@ -244,6 +426,19 @@ def _fault(rt: Runtime, options: dict[str, Any], queue: str, device: str, progre
             time.sleep(min(0.1, left))
 
 
+def _hold_before_claim(rt: Runtime, task_id: str) -> None:
+    """Test-only: ``hold_claim:PATH`` waits, between delivery and claim, while PATH exists
+    (a test then makes Redis refuse the claim's writes). Only with MORAG_FAULT_INJECTION."""
+    if not rt.settings.fault_injection:
+        return
+    record = rt.store.get(task_id)
+    fault = str(record.options.get("fault", "")) if record is not None else ""
+    if fault.startswith("hold_claim:"):
+        hold = Path(fault.split(":", 1)[1])
+        while hold.exists():
+            time.sleep(0.05)
+
+
 def _process(
     rt: Runtime, record: JobRecord, *, queue: str, device: str, owner: str, scratch: Path
 ) -> Result:
@@ -279,6 +474,7 @@ def _process(
             allowlist=rt.settings.url_allowlist,
             max_bytes=rt.settings.max_upload_bytes,
             timeout=rt.settings.url_timeout,
+            deadline=rt.settings.tool_timeout,  # as for yt-dlp's downloads
         )
         transfer = "url"
     ctx = ProcessContext(rt.settings, device, scratch, progress, source_url)
@@ -294,3 +490,12 @@ def _cleanup(rt: Runtime, record: JobRecord) -> None:
     """Once a job has ended, its upload is no longer needed in the shared directory."""
     if record.status in TERMINAL and record.upload_id:
         files.remove_upload(rt.settings.uploads_dir, record.upload_id)
+
+
+def _after_end(settings: Settings, client: redis.Redis, record: JobRecord | None) -> None:
+    """Once the end is written: drop the upload, publish the webhook it owes."""
+    if record is None:
+        return
+    if record.status in TERMINAL and record.upload_id:
+        files.remove_upload(settings.uploads_dir, record.upload_id)
+    notify_end(client, record, resend_after=settings.store_resend_after)

@@ -103,7 +103,11 @@ def fetch_for_worker(settings: Settings, source: Source, dest_dir: Path) -> tupl
     url = f"{settings.api_url.rstrip('/')}/api/v1/files/{file_id}"
     headers = {"X-Worker-Token": settings.worker_token.get_secret_value()}
     try:
-        with httpx.stream("GET", url, headers=headers, timeout=60.0) as resp:
+        verify = settings.api_tls_verify()
+    except OSError as exc:  # a missing or unreadable MORAG_API_CA_FILE
+        raise FileUnavailable(f"cannot load MORAG_API_CA_FILE: {exc}") from exc
+    try:
+        with httpx.stream("GET", url, headers=headers, timeout=60.0, verify=verify) as resp:
             if resp.status_code != 200:
                 raise FileUnavailable(f"download of the upload failed: HTTP {resp.status_code}")
             with open(dest, "wb") as out:

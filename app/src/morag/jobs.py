@@ -137,6 +137,93 @@ class JobStore:
         metrics.job_created(pipe, record)
         pipe.execute()
 
+    def create_all(
+        self,
+        records: list[JobRecord],
+        *,
+        batch_id: str | None = None,
+        reserve: tuple[str, str, int] | None = None,
+    ) -> bytes | None:
+        """Write new records, their outbox entries and (``batch_id``) the batch record in one
+        MULTI/EXEC: all of them or none. ``reserve`` (key, value, ttl seconds) is written in
+        the same transaction, only while that key does not exist (it is WATCHed: of two
+        concurrent writers one wins); when it exists nothing is written and its value is
+        returned (an Idempotency-Key already used)."""
+        found: dict[str, bytes | None] = {"value": None}
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            if reserve is not None:
+                found["value"] = pipe.get(reserve[0])
+            pipe.multi()
+            if found["value"] is not None:
+                return
+            for record in records:
+                pipe.set(job_key(record.task_id), record.to_json(), ex=self.ttl)
+                pipe.sadd(ACTIVE_SET, record.task_id)
+                pipe.zadd(OUTBOX, {record.task_id: time.time() + self.outbox_grace})
+                metrics.job_created(pipe, record)
+            if batch_id is not None:
+                ids = [r.task_id for r in records]
+                pipe.set(batch_key(batch_id), json.dumps(ids), ex=self.ttl)
+            if reserve is not None:
+                pipe.set(reserve[0], reserve[1], ex=reserve[2])
+
+        self.r.transaction(txn, *([reserve[0]] if reserve else []))
+        return found["value"]
+
+    def withdraw(
+        self,
+        task_ids: list[str],
+        reason: str,
+        *,
+        batch_id: str | None = None,
+        forget: tuple[str, str] | None = None,
+    ) -> bool:
+        """Take back new jobs whose submission was refused, all or none, in one MULTI/EXEC:
+        each becomes ``failed`` with ``reason`` and leaves the outbox and the active set,
+        so no reconciler sends it and a message the broker did take is skipped by the
+        claim. The batch record goes too, and ``forget`` (key, value): the Idempotency-Key,
+        only while it still holds this submission's value (not a concurrent request's).
+        False, and nothing changed, when a worker claimed one of them already: its message
+        was delivered, the submission stands, and the outbox sends the others."""
+        keys = [job_key(t) for t in task_ids]
+        done = {"ok": False}
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            raws = pipe.mget(keys)
+            ours = forget is not None and _text(pipe.get(forget[0])) == forget[1]
+            records = [JobRecord.from_json(raw) if raw else None for raw in raws]
+            # Already withdrawn (a retry after a lost EXEC reply) counts as withdrawn.
+            gone = [r is None or (r.status == FAILED and r.error == reason) for r in records]
+            done["ok"] = all(
+                g or (r.status == QUEUED and not r.attempts)
+                for g, r in zip(gone, records, strict=True)
+                if r is not None
+            )
+            pipe.multi()
+            if not done["ok"]:
+                return
+            for task_id, record, ended in zip(task_ids, records, gone, strict=True):
+                pipe.zrem(OUTBOX, task_id)
+                pipe.srem(ACTIVE_SET, task_id)
+                if record is None or ended:
+                    continue
+                record.status = FAILED
+                record.error = reason
+                # The client was told the job was refused: no webhook is owed for it.
+                record.webhook_url = None
+                record.webhook = None
+                record.updated_at = now_iso()
+                pipe.set(job_key(task_id), record.to_json(), ex=self.ttl)
+                metrics.job_ended(pipe, record)
+            if batch_id is not None:
+                pipe.delete(batch_key(batch_id))
+            if forget is not None and ours:
+                pipe.delete(forget[0])
+
+        self.r.transaction(txn, *keys, *([forget[0]] if forget else []))
+        return done["ok"]
+
     # -- the outbox: records whose message may not have been sent -------------------------
     def sent(self, task_id: str) -> None:
         """The job's message was handed to the broker: nothing left to reconcile."""
@@ -622,6 +709,10 @@ STORE_RETRY = "a retry of the storing"  # waiting_for while a storing retry is s
 def as_result(result: Result | Mapping[str, Any]) -> Result:
     """A processor's output as the stored Result (ValidationError when it is not one)."""
     return result if isinstance(result, Result) else Result.model_validate(dict(result))
+
+
+def _text(raw: bytes | str | None) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _is_attempt_of(record: JobRecord, owner: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from morag import files, metrics, urls, webhooks
+from morag import files, metrics, store_requests, urls, webhooks
 from morag.celery_app import STORE_TASK, celery_app
 from morag.job_record import JobRecord
 from morag.jobs import CANCELLED, STORE_RETRY
@@ -125,11 +125,25 @@ def store_job(self: Any, task_id: str) -> None:
 
 
 @celery_app.task(name="morag.vector_op", acks_late=False)
-def vector_op(request_id: str, op: str, params: dict[str, Any]) -> None:
-    """Search or delete for the API; the answer goes to a Redis list the API waits on."""
+def vector_op(request_id: str, *ignored: Any) -> None:
+    """Search or delete for the API; the answer goes to a Redis list the API waits on.
+
+    What to do is read from the API's request record (store_requests), never from the
+    message, which any credential that may push to ``morag-store`` can forge: ``ignored``
+    holds what an old-style or forged message says, and it is not used."""
     from morag.vectors import embeddings, store
 
     rt = get_runtime()
+    request = store_requests.take(rt.redis, request_id)
+    if request is None:
+        log.warning(
+            "vector operation %s refused: no request from the API under %s (forged, "
+            "replayed or expired message)",
+            request_id,
+            store_requests.request_key(request_id),
+        )
+        return
+    op, params = request
     try:
         if op == "search":
             vector = embeddings.embed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,10 +14,11 @@ import redis
 from kombu.exceptions import OperationalError
 from prometheus_client import CollectorRegistry
 
-from morag import files, metrics_export, urls
+from morag import files, idempotency, metrics_export, urls
 from morag.celery_app import celery_app, dispatch
 from morag.config import Settings
 from morag.fleet import CachedFleet
+from morag.idempotency import Idempotency
 from morag.job_record import JobRecord, Source
 from morag.jobs import CANCELLED, JobStore, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
@@ -31,17 +33,37 @@ log = logging.getLogger("morag.submission")
 class BadInput(ValueError):
     """Client input that cannot become a job; ``status`` is the HTTP status to answer."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, code: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.code = code  # None: the status' usual code (morag.api.errors)
 
 
 class BrokerUnavailable(BadInput):
-    """The broker did not take the job's message: 503, and the job is not accepted."""
+    """The broker (or Redis) did not take the job: 503, and the job will not run: its
+    record is withdrawn, so no reconciler sends it and no worker runs it."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(503, detail)
+
+
+class SubmissionUnknown(BadInput):
+    """Redis stopped answering while the job was being written and never answered again in
+    time: whether the job exists is unknown. 503 with its own code; a retry with the same
+    Idempotency-Key is safe (it returns the job if it was written)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail, "submission_unknown")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Jobs written and sent; ``replayed``: an earlier request's, found by its Idempotency-Key."""
+
+    records: list[JobRecord]
+    batch_id: str | None = None
+    replayed: bool = False
 
 
 @dataclass
@@ -112,7 +134,7 @@ def url_content_type(url: str, options: dict[str, Any]) -> str:
     return guess
 
 
-def submit(
+def prepare(
     services: Services,
     *,
     kind: str,
@@ -125,6 +147,8 @@ def submit(
     batch_id: str | None = None,
     task_id: str | None = None,
 ) -> JobRecord:
+    """Check what only the submission can check (the webhook URL), pick the route and build
+    the job's record. Nothing is written."""
     if webhook_url:
         try:
             urls.check_url(webhook_url, services.settings.url_allowlist)
@@ -150,24 +174,188 @@ def submit(
     record.store = kind == "ingest" and services.settings.store_ingested
     if webhook_url:
         record.webhook = webhook_view(webhook_url, services.settings)
-    # The record and its outbox entry first (one transaction), then the message: if this
-    # process dies in between, a worker's reconciler sends the message after the grace.
-    services.store.create(record)
-    if services.settings.fault_injection and options.get("fault") == "api_dies_before_send":
-        os._exit(70)  # test hook: the API dies between the record and its message
-    try:
-        dispatch(services.store, record.task_id, route.queue)
-    except (OperationalError, redis.RedisError) as exc:
-        reason = f"the broker did not take the job's message: {type(exc).__name__}: {exc}"
-        log.warning("job %s refused: %s", record.task_id, reason)
-        try:
-            services.store.fail_unsent(record.task_id, f"not accepted: {reason}")
-        except redis.RedisError:
-            log.warning("job %s stays in the outbox; a worker will send it", record.task_id)
-        raise BrokerUnavailable(
-            f"the job queue is unavailable ({type(exc).__name__}); try again later"
-        ) from exc
     return record
+
+
+def submit(
+    services: Services,
+    *,
+    kind: str,
+    content_type: str,
+    source: Source,
+    options: dict[str, Any],
+    gpu: bool,
+    metadata: dict[str, Any] | None = None,
+    webhook_url: str | None = None,
+    batch_id: str | None = None,
+    task_id: str | None = None,
+    idem: Idempotency | None = None,
+) -> JobRecord:
+    """One job: its record written and its message sent (or the earlier job of ``idem``'s
+    key). A refused submission removes the upload it stored, and so does a replay (the
+    earlier job reads its own)."""
+    try:
+        record = prepare(
+            services,
+            kind=kind,
+            content_type=content_type,
+            source=source,
+            options=options,
+            gpu=gpu,
+            metadata=metadata,
+            webhook_url=webhook_url,
+            batch_id=batch_id,
+            task_id=task_id,
+        )
+        admission = admit(services, [record], idem=idem)
+    except SubmissionUnknown:
+        raise  # the job may exist and read its upload
+    except BadInput:
+        _remove_upload(services, source)
+        raise
+    if admission.replayed:
+        _remove_upload(services, source)
+    return admission.records[0]
+
+
+def _remove_upload(services: Services, source: Source) -> None:
+    if source.file_id:
+        files.remove_upload(services.settings.uploads_dir, source.file_id)
+
+
+def admit(
+    services: Services,
+    records: list[JobRecord],
+    *,
+    batch_id: str | None = None,
+    idem: Idempotency | None = None,
+) -> Admission:
+    """Write ``records`` (and the batch record, and ``idem``'s key) in one MULTI/EXEC, then
+    send their messages. All or nothing: when Redis or the broker refuses, every record is
+    withdrawn (BrokerUnavailable, 503: none of them runs, ever); when that cannot be
+    confirmed the records stand and the outbox sends them (answered as accepted)."""
+    ids = [r.task_id for r in records]
+    # A concurrent request with the same key may still be sending: wait for its answer.
+    patience = time.monotonic() + min(services.settings.outbox_grace, 10.0)
+    reserve = None
+    if idem is not None:
+        entry = idem.entry(ids, batch_id)
+        reserve = (idem.redis_key, entry, min(idem.ttl, services.settings.job_ttl))
+    # The records and their outbox entries first, then the messages: if this process dies
+    # in between, a worker's reconciler sends them after the grace.
+    while True:
+        try:
+            existing = services.store.create_all(records, batch_id=batch_id, reserve=reserve)
+        except redis.RedisError as exc:
+            # The EXEC may have been applied before the connection failed: take it back.
+            reason = f"Redis did not take the job: {type(exc).__name__}: {exc}"
+            log.warning("jobs %s refused: %s", ",".join(ids), reason)
+            outcome = _take_back(services, ids, reason, batch_id, reserve)
+            if outcome is None:
+                raise SubmissionUnknown(
+                    f"Redis stopped answering while the job was recorded "
+                    f"({type(exc).__name__}): it may or may not exist (job ids "
+                    f"{', '.join(ids)}); retry with the same Idempotency-Key"
+                ) from exc
+            if outcome:
+                raise BrokerUnavailable(
+                    f"the job store is unavailable ({type(exc).__name__}); try again later"
+                ) from exc
+            return Admission(records, batch_id)  # written, and a worker took one already
+        if existing is None or idem is None:
+            break
+        replay = _replay(services, idem, existing, patience)
+        if replay is not None:
+            return replay
+    if services.settings.fault_injection and any(
+        r.options.get("fault") == "api_dies_before_send" for r in records
+    ):
+        os._exit(70)  # test hook: the API dies between the record and its message
+    for record in records:
+        try:
+            dispatch(services.store, record.task_id, record.route.queue)
+        except (OperationalError, redis.RedisError) as exc:
+            reason = f"the broker did not take the job's message: {type(exc).__name__}: {exc}"
+            log.warning("job %s refused: %s", record.task_id, reason)
+            if _take_back(services, ids, reason, batch_id, reserve):
+                raise BrokerUnavailable(
+                    f"the job queue is unavailable ({type(exc).__name__}); try again later"
+                ) from exc
+            # A worker took one of them, or Redis never confirmed the withdrawal: the
+            # records and their outbox entries stand, and a reconciler sends the rest.
+            log.warning("jobs %s stay accepted; the outbox sends them", ",".join(ids))
+            break
+    if idem is not None:
+        try:  # replays answer at once from now on; if lost, they wait for the outbox grace
+            accepted = idem.entry(ids, batch_id, idempotency.ACCEPTED)
+            services.redis.set(idem.redis_key, accepted, xx=True, keepttl=True)
+        except redis.RedisError:
+            log.warning("jobs %s: their Idempotency-Key stays 'sending'", ",".join(ids))
+    return Admission(records, batch_id)
+
+
+def _take_back(
+    services: Services,
+    ids: list[str],
+    reason: str,
+    batch_id: str | None,
+    reserve: tuple[str, str, int] | None,
+) -> bool | None:
+    """Withdraw refused jobs (JobStore.withdraw): True when they will never run, False when
+    a worker took one already, None when Redis did not answer in time. Retried within half
+    the outbox grace, before any reconciler would send them (its answer is what counts)."""
+    deadline = time.monotonic() + min(services.settings.outbox_grace / 2, 10.0)
+    delay = 0.05
+    while True:
+        try:
+            return services.store.withdraw(
+                ids,
+                f"not accepted: {reason}",
+                batch_id=batch_id,
+                forget=(reserve[0], reserve[1]) if reserve else None,
+            )
+        except redis.RedisError as exc:
+            if time.monotonic() + delay >= deadline:
+                log.warning("jobs %s: withdrawal not confirmed: %s", ",".join(ids), exc)
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _replay(services: Services, idem: Idempotency, raw: bytes, patience: float) -> Admission | None:
+    """The earlier request of ``idem``'s key: its jobs once it answered; None when its key
+    is gone meanwhile (that request was refused): this one then submits anew."""
+    delay = 0.05
+    while True:
+        try:
+            earlier = idempotency.earlier(raw, idem)
+        except idempotency.KeyRefused as exc:
+            raise BadInput(exc.status, exc.detail, exc.code) from exc
+        # "sending" past the outbox grace: its sender died and a reconciler sends the jobs.
+        settled = time.time() - earlier.at > services.settings.outbox_grace
+        if earlier.state != idempotency.SENDING or settled:
+            break
+        if time.monotonic() >= patience:
+            raise BadInput(
+                409,
+                f"a request with this {idempotency.HEADER} is still being submitted; "
+                "retry in a moment",
+                "idempotency_key_in_use",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+        found = services.redis.get(idem.redis_key)
+        if found is None:
+            return None
+        raw = found
+    records = services.store.get_many(earlier.task_ids)
+    if len(records) != len(earlier.task_ids):
+        raise BadInput(
+            409,
+            f"the jobs of this {idempotency.HEADER} no longer exist; use a new key",
+            "idempotency_key_stale",
+        )
+    return Admission(records, earlier.batch_id, replayed=True)
 
 
 def cancel(

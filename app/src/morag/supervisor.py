@@ -19,8 +19,8 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from morag import __version__, fleet, gpu_telemetry, webhooks
-from morag.celery_app import celery_app, dispatch
+from morag import __version__, execution, fleet, gpu_telemetry, webhooks
+from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
 from morag.job_record import JobRecord
 from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL
@@ -44,6 +44,7 @@ NO_STORE_WORKER = (
 class Supervisor:
     def __init__(self, consumer: Any, settings: Settings) -> None:
         self.settings = settings
+        self.consumer = consumer
         self.hostname: str = consumer.hostname
         self.queues = tuple(sorted(q.name for q in consumer.task_consumer.queues))
         self.concurrency = getattr(consumer.pool, "num_processes", None) or 1
@@ -71,8 +72,15 @@ class Supervisor:
             self.stopped.wait(self.settings.heartbeat_interval)
 
     def tick(self) -> None:
-        active = self._active_leases()
+        # Results kept through a Redis outage longer than MORAG_REDIS_RETRY_SECONDS hold
+        # their lease as running jobs do (no watchdog takes the job for lost), and are
+        # recorded first thing once Redis takes writes again.
+        kept = execution.kept_outcomes(self.settings, self.hostname)
+        active = {**self._active_leases(), **{k.task_id: k.owner for k in kept}}
         self.store.refresh_leases(active)
+        execution.record_kept(self.settings, self.redis, self.store, kept)
+        for k in kept:
+            active.pop(k.task_id, None)
         if self.draining.is_set():
             # Warm shutdown: out of routing at once, but keep the running job's lease alive.
             fleet.withdraw(self.redis, self.hostname)
@@ -142,11 +150,14 @@ class Supervisor:
             log.warning(
                 "no GPU worker for %.0fs: consuming %s", self.settings.rescue_grace, GPU_QUEUE
             )
-            celery_app.control.add_consumer(GPU_QUEUE, destination=[self.hostname], reply=False)
+            # On this worker's own consumer, in its event loop (the hub's call_soon is
+            # thread-safe): a broadcast would need PUBLISH on the remote-control channel,
+            # which the worker's Redis user is refused (remote control of every worker).
+            self.consumer.call_soon(self.consumer.add_task_queue, GPU_QUEUE)
             self.rescuing = True
         elif action == "stop":
             log.info("a GPU worker is back: leaving %s to it", GPU_QUEUE)
-            celery_app.control.cancel_consumer(GPU_QUEUE, destination=[self.hostname], reply=False)
+            self.consumer.call_soon(self.consumer.cancel_task_queue, GPU_QUEUE)
             self.rescuing = False
 
     # -- the outbox: records written whose message was never sent ---------------------------

@@ -10,11 +10,15 @@ yt-dlp's traffic goes through the same policy in ``morag.policy_proxy``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -116,12 +120,44 @@ def _addresses(host: str, port: int) -> list[Address]:
     return found
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the kernel or a translator reaches:
+# IPv4-compatible (deprecated, ::/96) and NAT64's well-known prefix (64:ff9b::/96). Python's
+# is_global calls them global, which let http://[::127.0.0.1]/ or 64:ff9b::10.0.0.1 through.
+_EMBEDDING_V6 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("64:ff9b::/96"))
+_LOCAL_USE_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(addr: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, NAT64, 6to4 or the
+    Teredo client), or None: the policy decides by it, as that is where packets end up."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return None
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if any(addr in net for net in _EMBEDDING_V6):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def check_address(host: str, addr: Address, nets: list[Network]) -> None:
-    if any(addr in net for net in nets):
+    inner = embedded_ipv4(addr)
+    if any(addr in net or (inner is not None and inner in net) for net in nets):
         return
-    if not addr.is_global:
+    if not addr.is_global or (inner is not None and not inner.is_global):
+        via = f" (it carries the IPv4 address {inner})" if inner is not None else ""
         raise UrlRefused(
-            f"{host} resolves to {addr}, a private, loopback or link-local address "
+            f"{host} resolves to {addr}{via}, a private, loopback or link-local address "
+            "(allow it with MORAG_URL_ALLOWLIST)"
+        )
+    if addr in _LOCAL_USE_NAT64:
+        # A site's own translator (RFC 8215), with an embedding it chooses: no way to tell
+        # which IPv4 address it reaches, so only the allowlist opens it.
+        raise UrlRefused(
+            f"{host} resolves to {addr}, in the local-use NAT64 prefix 64:ff9b:1::/48 "
             "(allow it with MORAG_URL_ALLOWLIST)"
         )
 
@@ -174,30 +210,121 @@ def pinned_request(
     )
 
 
-def download(url: str, dest: Path, *, allowlist: list[str], max_bytes: int, timeout: float) -> str:
+class _Deadline:
+    """A wall-clock limit for a whole download. httpx's read timeout restarts with every
+    byte (a server sending 1 byte every 2 s never trips it), so at the deadline a timer
+    shuts down the connection's socket, which ends a read blocked anywhere in httpx,
+    response headers included."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, request: httpx.Request, timeout: float) -> None:
+        """Track the sockets ``request`` opens (httpcore's trace events), and keep its
+        timeouts inside the deadline."""
+        self.check()
+        request.extensions["trace"] = self._trace
+        left = min(timeout, max(self.at - time.monotonic(), 0.001))
+        request.extensions["timeout"] = httpx.Timeout(left).as_dict()
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def check(self) -> None:
+        if self.expired:
+            raise self.error()
+
+    def error(self) -> UrlRefused:
+        return UrlRefused(
+            f"the download took longer than {self.seconds:g}s and was stopped "
+            "(MORAG_WEB_FETCH_DEADLINE for web pages, MORAG_TOOL_TIMEOUT for media)"
+        )
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    # Already closed, or detached when TLS wrapped it (then the TLS socket is shut).
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    allowlist: list[str],
+    max_bytes: int,
+    timeout: float,
+    deadline: float | None = None,
+) -> str:
     """Stream ``url`` to ``dest`` with a size cap, re-checking every redirect and connecting
-    to the checked address. Returns the final URL's content type header."""
+    to the checked address; ``timeout`` bounds each connect/read, ``deadline`` (seconds)
+    the whole download, redirects included. Returns the final URL's content type header."""
     current = url
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            request = pinned_request(client, "GET", current, allowlist)
-            resp = client.send(request, stream=True)
-            try:
-                if resp.is_redirect:
-                    current = urljoin(current, resp.headers.get("location", ""))
-                    continue
-                if resp.status_code != 200:
-                    raise UrlRefused(f"fetching {current} answered HTTP {resp.status_code}")
-                size = 0
-                with open(dest, "wb") as out:
-                    for chunk in resp.iter_bytes(1024 * 1024):
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise UrlRefused(f"the content at {current} exceeds {max_bytes} bytes")
-                        out.write(chunk)
-                return resp.headers.get("content-type", "")
-            finally:
-                resp.close()
+    limit = _Deadline(deadline) if deadline else None
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                request = pinned_request(client, "GET", current, allowlist)
+                if limit is not None:
+                    limit.watch(request, timeout)
+                resp = client.send(request, stream=True)
+                try:
+                    if resp.is_redirect:
+                        current = urljoin(current, resp.headers.get("location", ""))
+                        continue
+                    if resp.status_code != 200:
+                        raise UrlRefused(f"fetching {current} answered HTTP {resp.status_code}")
+                    size = 0
+                    with open(dest, "wb") as out:
+                        # No chunk size: each arrival is checked, not each megabyte.
+                        for chunk in resp.iter_bytes():
+                            if limit is not None:
+                                limit.check()
+                            size += len(chunk)
+                            if size > max_bytes:
+                                raise UrlRefused(
+                                    f"the content at {current} exceeds {max_bytes} bytes"
+                                )
+                            out.write(chunk)
+                    if limit is not None:
+                        limit.check()  # a body that ends at close may end at the shutdown
+                    return resp.headers.get("content-type", "")
+                finally:
+                    resp.close()
+    except httpx.TransportError:
+        # A socket shut by the deadline surfaces as whatever httpx makes of a closed one.
+        if limit is not None and limit.expired:
+            raise limit.error() from None
+        raise
+    finally:
+        if limit is not None:
+            limit.cancel()
     raise UrlRefused(f"more than {MAX_REDIRECTS} redirects")
 
 

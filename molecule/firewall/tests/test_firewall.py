@@ -33,7 +33,7 @@ def test_loaded_at_boot(host):
         ("fw-worker", 22, True),
         ("fw-worker", 9999, False),
         ("fw-client", 8000, True),
-        ("fw-client", 22, True),
+        ("fw-client", 22, False),  # SSH only from firewall_ssh_sources
         ("fw-client", 6379, False),
         ("fw-client", 6380, False),
         ("fw-client", 2049, False),

@@ -4,13 +4,17 @@ import json
 
 import pytest
 
+# converge.yml binds 0.0.0.0: the role serves HTTPS with its own CA (issue 18 item 5).
+CA = "/etc/morag/api-tls/ca.crt"
+
 
 def curl(host, path, key=None):
     out = host.run(
-        f'python3 -c "import sys,urllib.request as u\n'
-        f"r=u.Request('http://127.0.0.1:8000{path}')\n"
+        f'python3 -c "import ssl,sys,urllib.request as u\n'
+        f"r=u.Request('https://127.0.0.1:8000{path}')\n"
         + (f"r.add_header('X-API-Key','{key}')\n" if key else "")
-        + "try:\n  x=u.urlopen(r,timeout=10); print(x.status); print(x.read().decode())\n"
+        + f"c=ssl.create_default_context(cafile='{CA}')\n"
+        + "try:\n  x=u.urlopen(r,timeout=10,context=c); print(x.status); print(x.read().decode())\n"
         'except u.HTTPError as e: print(e.code); print(e.read().decode())"'
     )
     assert out.rc == 0, out.stderr
@@ -37,6 +41,36 @@ def test_unit_hardened(host):
         "EnvironmentFile=/etc/morag/morag.env",
     ):
         assert option in unit
+
+
+def test_tls_files_and_limits(host):
+    key = host.file("/etc/morag/api-tls/api.key")
+    assert (key.user, key.group, key.mode) == ("root", "morag", 0o640)
+    unit = host.check_output("systemctl cat morag-api")
+    assert "MORAG_API_TLS_CERT_FILE=/etc/morag/api-tls/api.crt" in unit
+    assert "LimitNOFILE=65536" in unit
+    # systemd sets LimitNOFILE as close as it may: a container without CAP_SYS_RESOURCE
+    # caps it at its own hard limit (PID 1's); a real host gets 65536.
+    pid = host.check_output("systemctl show -p MainPID --value morag-api")
+    ceiling = _open_files(host, "1")
+    assert _open_files(host, pid) == min(65536, ceiling)
+
+
+def _open_files(host, pid: str) -> int:
+    """The hard "Max open files" limit of a process."""
+    for line in host.check_output(f"cat /proc/{pid}/limits").splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[4])
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_plain_http_gets_no_answer(host):
+    out = host.run(
+        'python3 -c "import urllib.request as u\n'
+        "try: u.urlopen('http://127.0.0.1:8000/health', timeout=10); print('answered')\n"
+        'except Exception as e: print(type(e).__name__)"'
+    )
+    assert out.rc == 0 and out.stdout.strip() != "answered", out.stdout
 
 
 def test_listens(host):

@@ -114,7 +114,8 @@ def test_workers_can_do_what_kombu_does(host, role):
     steps = [
         ("LPUSH celery msg", "1"),
         ("BRPOP celery 1", "celery\nmsg"),
-        ("SADD _kombu.binding.celery 'celery\x06\x16\x06\x16celery'", "1"),
+        # One member per role: the worker may not DEL the set after itself.
+        (f"SADD _kombu.binding.celery 'celery\x06\x16\x06\x16{role}'", "1"),
         ("HSET unacked tag payload", "1"),
         ("ZADD unacked_index 1 tag", "1"),
         ("SET unacked_mutex token NX PX 5000", "OK"),
@@ -125,13 +126,40 @@ def test_workers_can_do_what_kombu_does(host, role):
         ),
         ("HDEL unacked tag", "1"),
         ("ZREM unacked_index tag", "1"),
-        ("PUBLISH /0.celery.pidbox hello", "0"),
         ("SET morag:job:j1 '{}'", "OK"),
-        ("DEL morag:job:j1 _kombu.binding.celery", "2"),
+        ("SET morag:lease:j1 owner", "OK"),
+        ("DEL morag:lease:j1", "1"),
     ]
+    if role == "store":  # workers may neither (test_workers_cannot_destroy_or_command)
+        steps += [
+            ("PUBLISH /0.celery.pidbox hello", "0"),
+            ("DEL morag:job:j1 _kombu.binding.celery", "2"),
+        ]
     for command, expected in steps:
         out = cli(host, command, role)
         assert out.stdout.strip() == expected, (command, out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "DEL celery",
+        "DEL morag-store",
+        "SET celery x",
+        "EXPIRE gpu-tasks 0",
+        "DEL _kombu.binding.celery",
+        "DEL unacked",
+        "DEL morag:job:j1",
+        "BRPOP morag-store 1",
+        "LRANGE morag-store 0 -1",
+        "PUBLISH /0.celery.pidbox hello",
+    ],
+)
+def test_workers_cannot_destroy_or_command(host, command):
+    """redis_acl_worker_selectors: no DEL/SET/EXPIRE of queues or job records, no consuming
+    the store's queue, no PUBLISH on the remote-control channel."""
+    verdict = cli(host, f"ACL DRYRUN {USERS['worker'][0]} {command}")
+    assert "no permissions" in verdict.stdout, command + verdict.stdout + verdict.stderr
 
 
 @pytest.mark.parametrize(
@@ -140,6 +168,8 @@ def test_workers_can_do_what_kombu_does(host, role):
         ("worker", "morag:batch:b1", False),
         ("worker", "morag:webhook:j1", False),
         ("worker", "morag:reply:r1", False),
+        ("worker", "morag:vector-request:r1", False),  # the API's orders to the store
+        ("store", "morag:vector-request:r1", True),
         ("worker", "somewhere:else", False),
         ("store", "morag:webhook:j1", True),
         ("store", "morag:batch:b1", False),

@@ -35,6 +35,19 @@ is `GET /openapi.json` (Swagger UI: `GET /docs`), both behind the API key.
   `cancelled`.
 - **Options** (`options`, a JSON object): the members of `JobOptions` below are checked
   (422 when wrong); other members are passed to the processor unchanged.
+- **Retrying a submission** (`Idempotency-Key` header, on every route that creates jobs:
+  `/process/*`, `/api/v1/ingest/*`, `/v1/audio/*`): a request repeated with the same key by
+  the same API key returns the first request's job or batch (same status and body shape;
+  `/process/*` and `/v1/audio/*` wait for that job) instead of a new one, also when both
+  arrive at once. The key is 1-255 visible ASCII characters (a UUID), kept
+  `MORAG_IDEMPOTENCY_TTL` seconds (24 h); the same key with a different request (route, file,
+  fields) is a 422 `idempotency_key_reused`; a 409 `idempotency_key_in_use` while the first
+  request is still being submitted. A refused submission (4xx, 503) forgets its key.
+- **A 503 on a submission means the job will not run**: what was written is withdrawn
+  (failed, "not accepted: ...", no webhook) and its upload removed; a batch is all or
+  nothing. When the withdrawal cannot be confirmed the job stands, answered 202 (the
+  outbox sends it). The one exception is code `submission_unknown`: Redis stopped
+  answering mid-write, the job (ids in `detail`) may exist; retry with the same key.
 """
 
 

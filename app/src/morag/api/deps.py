@@ -12,7 +12,9 @@ from typing import Any
 from fastapi import Depends, Header, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from morag import files
+from morag import files, idempotency
+from morag.api.errors import ApiError
+from morag.idempotency import Idempotency
 from morag.job_record import TERMINAL, JobRecord, Source
 from morag.jobs import new_id
 from morag.processors.detect import detect_content_type
@@ -112,7 +114,45 @@ ApiKey = Depends(require_api_key)
 
 
 def bad_input(exc: BadInput) -> HTTPException:
-    return HTTPException(exc.status, exc.detail)
+    return ApiError(exc.status, exc.detail, exc.code)
+
+
+@dataclass(frozen=True)
+class IdempotencyHeader:
+    """A request's ``Idempotency-Key``, kept per client (the API key that sent it)."""
+
+    client_key: str
+    key: str
+    ttl: int
+
+    def bind(self, route: str, request: Any) -> Idempotency:
+        """The key for this request: ``request`` is what its job is made of (JSON-able)."""
+        return Idempotency.of(self.client_key, self.key, route, request, self.ttl)
+
+
+def idempotency_header(
+    request: Request,
+    idempotency_key: str | None = Header(
+        default=None,
+        alias=idempotency.HEADER,
+        description="a retry with the same key (same client, same request) returns the "
+        "first request's job instead of a new one; remembered MORAG_IDEMPOTENCY_TTL seconds",
+    ),
+) -> IdempotencyHeader | None:
+    if idempotency_key is None:
+        return None
+    try:
+        key = idempotency.check_key(idempotency_key)
+    except idempotency.KeyRefused as exc:
+        raise ApiError(exc.status, exc.detail, exc.code) from exc
+    # The route's own authentication checked this key already (X-API-Key, or OpenAI's Bearer).
+    client = request.headers.get("x-api-key") or (
+        request.headers.get("authorization", "").partition(" ")[2].strip()
+    )
+    return IdempotencyHeader(client, key, services(request).settings.idempotency_ttl)
+
+
+IdempotencyKey = Depends(idempotency_header)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ turns an answer into a 500.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +73,15 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
     more = {s: {"model": ErrorBody, "description": described.get(s, "error")} for s in statuses}
     return {**COMMON_ERRORS, **more}
+
+
+# Routes that take an Idempotency-Key (morag.idempotency) may answer 409 besides errors().
+KEY_IN_USE: dict[int | str, dict[str, Any]] = {
+    409: {
+        "model": ErrorBody,
+        "description": "a request with the same Idempotency-Key is still being submitted",
+    }
+}
 
 
 # -- job options ---------------------------------------------------------------------------
@@ -159,7 +168,9 @@ class IngestBatch(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=4096)
 
 
-FilterValue = str | int | float | bool | list[str] | list[int]
+# A number matches stored integers and floats alike; NaN and infinities are no value (422).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FilterValue = str | int | FiniteFloat | bool | list[str] | list[int]
 
 
 class SearchRequest(BaseModel):

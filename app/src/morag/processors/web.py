@@ -64,6 +64,7 @@ class WebProcessor:
             allowlist=settings.url_allowlist,
             max_bytes=settings.web_max_bytes,
             timeout=settings.url_timeout,
+            deadline=settings.web_fetch_deadline,
         )
         ctx.report_progress(0.5)
         raw = page.read_bytes()

@@ -70,6 +70,11 @@ def build_filter(conditions: dict[str, Any] | None) -> Any:
     must = []
     for key, value in conditions.items():
         field = key if key in TOP_LEVEL_FIELDS or key.startswith("metadata.") else f"metadata.{key}"
+        if isinstance(value, float):
+            # Qdrant's MatchValue takes keywords, integers and booleans only (a float made
+            # the store fail and the API answer 503): a number is matched as a closed range.
+            must.append(models.FieldCondition(key=field, range=models.Range(gte=value, lte=value)))
+            continue
         if isinstance(value, list):
             match: Any = models.MatchAny(any=value)
         else:

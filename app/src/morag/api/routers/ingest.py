@@ -8,10 +8,19 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from morag import urls
-from morag.api.deps import ApiKey, accept_upload, bad_input, limit_body, services
+from morag.api.deps import (
+    ApiKey,
+    IdempotencyHeader,
+    IdempotencyKey,
+    accept_upload,
+    bad_input,
+    limit_body,
+    services,
+)
 from morag.api.errors import ApiError
 from morag.api.params import check_options
 from morag.api.schemas import (
+    KEY_IN_USE,
     Accepted,
     BatchAccepted,
     Cancelled,
@@ -21,7 +30,15 @@ from morag.api.schemas import (
 )
 from morag.job_record import JobRecord, Source
 from morag.jobs import TERMINAL, new_id
-from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
+from morag.submission import (
+    BadInput,
+    Services,
+    admit,
+    parse_json_object,
+    prepare,
+    submit,
+    url_content_type,
+)
 from morag.submission import cancel as cancel_job
 
 router = APIRouter(
@@ -47,7 +64,7 @@ def _accepted(record: JobRecord) -> Accepted:
     status_code=202,
     response_model=Accepted,
     dependencies=[Depends(limit_body)],
-    responses=errors(413, 415),
+    responses={**errors(413, 415), **KEY_IN_USE},
 )
 async def ingest_file(
     file: UploadFile = File(...),
@@ -56,11 +73,15 @@ async def ingest_file(
     options: str | None = Form(default=None, description="JSON object (see JobOptions)"),
     webhook_url: str | None = Form(default=None, max_length=4096),
     svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
 ) -> Accepted:
     try:
         opts = check_options(parse_json_object(options, "options"))
         meta = parse_json_object(metadata, "metadata")
         accepted = await run_in_threadpool(accept_upload, svc, file, opts)
+        source = accepted.source
+        # The same request: the same bytes and fields (not the upload's new id).
+        same = [source.sha256, source.size, source.filename, gpu, meta, opts, webhook_url]
         record = await run_in_threadpool(
             lambda: submit(
                 svc,
@@ -70,7 +91,8 @@ async def ingest_file(
                 metadata=meta,
                 webhook_url=webhook_url,
                 content_type=accepted.content_type,
-                source=accepted.source,
+                source=source,
+                idem=key.bind("ingest/file", same) if key else None,
             )
         )
     except BadInput as exc:
@@ -86,8 +108,14 @@ def _url_job(svc: Services, url: str, options: dict[str, Any]) -> tuple[str, Sou
     return url_content_type(url, check_options(options)), Source.link(url)
 
 
-@router.post("/url", status_code=202, response_model=Accepted, responses=errors(413, 415))
-def ingest_url(body: IngestUrl, svc: Services = Depends(services)) -> Accepted:
+@router.post(
+    "/url", status_code=202, response_model=Accepted, responses={**errors(413, 415), **KEY_IN_USE}
+)
+def ingest_url(
+    body: IngestUrl,
+    svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
+) -> Accepted:
     try:
         content_type, source = _url_job(svc, body.url, body.options)
         record = submit(
@@ -99,23 +127,32 @@ def ingest_url(body: IngestUrl, svc: Services = Depends(services)) -> Accepted:
             gpu=body.gpu,
             metadata=body.metadata,
             webhook_url=body.webhook_url,
+            idem=key.bind("ingest/url", body.model_dump(mode="json")) if key else None,
         )
     except BadInput as exc:
         raise bad_input(exc) from exc
     return _accepted(record)
 
 
-@router.post("/batch", status_code=202, response_model=BatchAccepted, responses=errors(413, 415))
-def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> BatchAccepted:
-    # Validate every item first: a batch is accepted whole or not at all.
-    try:
-        jobs = [(_url_job(svc, item.url, item.options), item.options) for item in body.items]
-    except BadInput as exc:
-        raise bad_input(exc) from exc
+@router.post(
+    "/batch",
+    status_code=202,
+    response_model=BatchAccepted,
+    responses={**errors(413, 415), **KEY_IN_USE},
+)
+def ingest_batch(
+    body: IngestBatch,
+    svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
+) -> BatchAccepted:
+    # A batch is accepted whole or not at all: every item is checked and its record built
+    # first, then all records and the batch record are written in one MULTI/EXEC and sent;
+    # a refusal half-way withdraws them all (morag.submission.admit).
     batch_id = new_id()
     try:
+        jobs = [(_url_job(svc, item.url, item.options), item.options) for item in body.items]
         records = [
-            submit(
+            prepare(
                 svc,
                 kind="ingest",
                 content_type=ct,
@@ -127,13 +164,14 @@ def ingest_batch(body: IngestBatch, svc: Services = Depends(services)) -> BatchA
             )
             for (ct, src), opts in jobs
         ]
-    except BadInput as exc:  # the webhook URL is checked with the first item
+        idem = key.bind("ingest/batch", body.model_dump(mode="json")) if key else None
+        admitted = admit(svc, records, batch_id=batch_id, idem=idem)
+    except BadInput as exc:
         raise bad_input(exc) from exc
-    svc.store.save_batch(batch_id, [r.task_id for r in records])
     return BatchAccepted(
-        batch_id=batch_id,
-        task_ids=[r.task_id for r in records],
-        routes=[r.route for r in records],
+        batch_id=admitted.batch_id or batch_id,
+        task_ids=[r.task_id for r in admitted.records],
+        routes=[r.route for r in admitted.records],
     )
 
 

@@ -21,9 +21,18 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from morag import files, subtitles
-from morag.api.deps import AuthFailure, _matches, accept_upload, services, wait_for_end
+from morag.api.deps import (
+    AuthFailure,
+    IdempotencyHeader,
+    IdempotencyKey,
+    _matches,
+    accept_upload,
+    services,
+    wait_for_end,
+)
 from morag.api.errors import ApiError
 from morag.api.languages import language_name
+from morag.idempotency import Idempotency
 from morag.job_record import JobRecord, Result
 from morag.jobs import QUEUED, RUNNING, SUCCEEDED
 from morag.submission import BadInput, Services, submit
@@ -102,6 +111,7 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
         413: "upload too large",
         415: "not an audio or video file",
         # Declared so the schema has no FastAPI default here: invalid fields answer 400.
+        409: "a request with the same Idempotency-Key is still being submitted",
         422: "not answered by these routes (invalid fields: 400, as OpenAI does)",
         503: "Redis unavailable",
         504: "no result within MORAG_OPENAI_WAIT (the job goes on: X-MoRAG-Task-Id)",
@@ -160,7 +170,14 @@ def _check_model(model: str, svc: Services) -> None:
         )
 
 
-def _submit(svc: Services, upload: UploadFile, options: dict[str, Any], gpu: bool) -> JobRecord:
+def _submit(
+    svc: Services,
+    upload: UploadFile,
+    options: dict[str, Any],
+    gpu: bool,
+    key: IdempotencyHeader | None,
+    route: str,
+) -> tuple[JobRecord, Idempotency | None]:
     accepted = accept_upload(svc, upload, {})
     if accepted.content_type not in SPEECH_TYPES:
         if accepted.source.file_id:
@@ -170,14 +187,18 @@ def _submit(svc: Services, upload: UploadFile, options: dict[str, Any], gpu: boo
             f"{upload.filename or 'the file'} is {accepted.content_type}, not audio or "
             "video: nothing to transcribe",
         )
-    return submit(
+    src = accepted.source
+    idem = key.bind(route, [src.sha256, src.size, src.filename, gpu, options]) if key else None
+    record = submit(
         svc,
         kind="process",
         content_type=accepted.content_type,
-        source=accepted.source,
+        source=src,
         options=options,
         gpu=gpu,
+        idem=idem,
     )
+    return record, idem
 
 
 def _headers(record: JobRecord) -> dict[str, str]:
@@ -257,6 +278,7 @@ async def _run(
     gpu: bool | None,
     response: Response,
     request: Request,
+    key: IdempotencyHeader | None,
 ) -> Any:
     _check_model(model, svc)
     if granularities and fmt != "verbose_json":
@@ -280,9 +302,11 @@ async def _run(
         options["temperature"] = temperature
     use_gpu = svc.settings.openai_gpu if gpu is None else gpu
     try:
-        record = await run_in_threadpool(_submit, svc, file, options, use_gpu)
+        record, idem = await run_in_threadpool(
+            _submit, svc, file, options, use_gpu, key, f"audio/{task}"
+        )
     except BadInput as exc:
-        raise ApiError(exc.status, exc.detail, param="file") from exc
+        raise ApiError(exc.status, exc.detail, exc.code, param="file") from exc
     final = (
         await wait_for_end(
             svc, record.task_id, svc.settings.openai_wait, stop=request.is_disconnected
@@ -293,6 +317,9 @@ async def _run(
         # The answer is the only way to the result here: nobody will read it, so the
         # fleet stops working on it (as OpenAI's own endpoint does).
         await run_in_threadpool(cancel_job, svc, final.task_id, CLIENT_GONE)
+        if idem is not None:
+            # Nobody got this job's answer: a retry with the same key starts it anew.
+            await run_in_threadpool(svc.redis.delete, idem.redis_key)
         return Response(status_code=499)  # "client closed request"; no one receives it
     headers = _headers(final)
     if final.status == SUCCEEDED:
@@ -350,6 +377,7 @@ async def transcriptions(
     vad_filter: bool = _VAD,
     gpu: bool | None = _GPU,
     svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
 ) -> Any:
     return await _run(
         svc=svc,
@@ -365,6 +393,7 @@ async def transcriptions(
         gpu=gpu,
         response=response,
         request=request,
+        key=key,
     )
 
 
@@ -385,6 +414,7 @@ async def translations(
     vad_filter: bool = _VAD,
     gpu: bool | None = _GPU,
     svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
 ) -> Any:
     return await _run(
         svc=svc,
@@ -400,4 +430,5 @@ async def translations(
         gpu=gpu,
         response=response,
         request=request,
+        key=key,
     )

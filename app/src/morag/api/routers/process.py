@@ -13,10 +13,19 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from morag import urls
-from morag.api.deps import ApiKey, accept_upload, bad_input, limit_body, services, wait_for_end
+from morag.api.deps import (
+    ApiKey,
+    IdempotencyHeader,
+    IdempotencyKey,
+    accept_upload,
+    bad_input,
+    limit_body,
+    services,
+    wait_for_end,
+)
 from morag.api.errors import ApiError
 from morag.api.params import check_options, one_gpu_flag
-from morag.api.schemas import Processed, ProcessUrl, StillRunning, errors
+from morag.api.schemas import KEY_IN_USE, Processed, ProcessUrl, StillRunning, errors
 from morag.job_record import JobRecord, Source
 from morag.jobs import QUEUED, RUNNING, SUCCEEDED
 from morag.submission import BadInput, Services, parse_json_object, submit, url_content_type
@@ -27,6 +36,7 @@ router = APIRouter(
     dependencies=[ApiKey],
     responses={
         **errors(413, 415),
+        **KEY_IN_USE,
         202: {"model": StillRunning, "description": "still running: poll its status"},
     },
 )
@@ -64,20 +74,24 @@ async def process_file(
         description="deprecated: send gpu as a form field",
     ),
     svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
 ) -> Processed | JSONResponse:
     started = time.monotonic()
     try:
         use_gpu = one_gpu_flag(gpu, gpu_query)
         opts = check_options(parse_json_object(options, "options"))
         accepted = await run_in_threadpool(accept_upload, svc, file, opts)
+        src = accepted.source
+        same = [src.sha256, src.size, src.filename, use_gpu, opts]
         record = await run_in_threadpool(
             lambda: submit(
                 svc,
                 kind="process",
                 content_type=accepted.content_type,
-                source=accepted.source,
+                source=src,
                 options=opts,
                 gpu=use_gpu,
+                idem=key.bind("process/file", same) if key else None,
             )
         )
     except BadInput as exc:
@@ -95,6 +109,7 @@ async def process_url(
         description="deprecated: send gpu in the JSON body",
     ),
     svc: Services = Depends(services),
+    key: IdempotencyHeader | None = IdempotencyKey,
 ) -> Processed | JSONResponse:
     started = time.monotonic()
     try:
@@ -110,6 +125,7 @@ async def process_url(
                 source=Source.link(body.url),
                 options=opts,
                 gpu=use_gpu,
+                idem=key.bind("process/url", [body.url, use_gpu, opts]) if key else None,
             )
         )
     except urls.UrlRefused as exc:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
+from morag import store_requests
 from morag.api.deps import ApiKey, services
 from morag.api.errors import ApiError
 from morag.api.schemas import Deleted, SearchAnswer, SearchRequest, errors
@@ -29,7 +30,10 @@ router = APIRouter(
 def _ask_store(svc: Services, op: str, params: dict[str, Any]) -> dict[str, Any]:
     request_id = new_id()
     key = f"morag:reply:{request_id}"
-    celery_app.send_task("morag.vector_op", (request_id, op, params), queue=STORE_QUEUE)
+    # The operation goes through a key workers cannot write; the message names only its id
+    # (store_requests: a worker's credential can push to morag-store, too).
+    store_requests.put(svc.redis, request_id, op, params, svc.settings.search_timeout)
+    celery_app.send_task("morag.vector_op", (request_id,), queue=STORE_QUEUE)
     deadline = time.monotonic() + svc.settings.search_timeout
     while time.monotonic() < deadline:
         item = svc.redis.blpop([key], timeout=1)
