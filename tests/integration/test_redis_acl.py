@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from tests.conftest import answers, free_port, spawn_redis
 from tests.integration import media
 from tests.integration.conftest import _dump_logs
 from tests.integration.stack import Stack, wait_until
+from tests.tls import ca_and_server_cert
 
 ADMIN_PASSWORD = "test-admin-password"
 
@@ -48,30 +48,6 @@ class AclRedis:
         return self.client().acl_log()
 
 
-def _ca_and_server_cert(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 (what the redis role makes, with openssl)."""
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    ca, ca_key, crt, key, csr = (d / n for n in ("ca.crt", "ca.key", "r.crt", "r.key", "r.csr"))
-    ssl(
-        *["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"],
-        *["-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=test CA"],
-    )
-    ssl(
-        *["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"],
-        *["-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1"],
-    )
-    ext = d / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    ssl(
-        *["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key)],
-        *["-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext)],
-    )
-    return ca, crt, key
-
-
 @contextlib.contextmanager
 def _acl_redis_server(workdir: Path, tls: bool) -> Iterator[AclRedis]:
     port = free_port()
@@ -79,7 +55,7 @@ def _acl_redis_server(workdir: Path, tls: bool) -> Iterator[AclRedis]:
     ca = None
     if tls:
         # As the role does off loopback: TLS only, the plain port closed.
-        ca, crt, key = _ca_and_server_cert(workdir)
+        ca, crt, key = ca_and_server_cert(workdir)
         args += ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
         args += [
             "--tls-cert-file",
