@@ -73,11 +73,6 @@ def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(celery_config(get_settings()))
 
 
-@celery_app.on_configure.connect
-def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(get_settings()))
-
-
 def enqueue(task_id: str, queue: str) -> None:
     """Send the job's message; the Celery task id is the job id, so revoke(job id) cancels."""
     celery_app.send_task(PROCESS_TASK, (task_id,), queue=queue, task_id=task_id)
