@@ -13,7 +13,7 @@ APT_PACKAGES := python3-venv python3-dev gcc redis-server ffmpeg espeak-ng sox \
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 
 .PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down lab-local \
-        docker images wheelhouse molecule worker-unit clean
+        docker images wheelhouse prepare molecule worker-unit clean
 
 help:
 	@echo "make lab       bring up the local lab and run the main job (gpu=true audio)"
@@ -60,12 +60,19 @@ unit: venv
 	MORAG_REQUIRE_PROMETHEUS=1 $(PY) -m pytest tests/unit -q
 
 # The wheelhouse first: tests/integration/test_wheelhouse.py checks it offline (molecule
-# reuses it).
-integration: venv wheelhouse
+# reuses it). Under `make test` the prepare stage has built it (MORAG_PREPARED=1).
+integration: venv $(if $(MORAG_PREPARED),,wheelhouse)
 	MORAG_REQUIRE_PROMETHEUS=1 MORAG_REQUIRE_WHEELHOUSE=1 $(PY) -m pytest tests/integration -q
 
+# Integration and molecule run side by side (tests/stages.py `a+b`): both mostly wait, on
+# their own processes and on containers. Images and wheelhouse come first, once, so that
+# neither rebuilds them under the other (MORAG_PREPARED=1 tells them so).
 test: venv
-	$(PY) tests/stages.py lint unit integration molecule
+	MORAG_PREPARED=1 $(PY) tests/stages.py lint unit prepare integration+molecule
+
+prepare: venv docker
+	molecule/images/build.sh 11 12 13
+	molecule/images/wheelhouse.sh
 
 bench: venv
 	$(PY) tests/bench/submit_latency.py

@@ -1,9 +1,16 @@
 """`make molecule`: build the shared test images and the wheelhouse once, then run every
-molecule scenario sequentially (2 cores), each timed; print a per-scenario table.
+molecule scenario, each timed; print a per-scenario table.
 
-    python molecule/run.py                 every scenario (roles first, then site)
+    python molecule/run.py                 every scenario
     python molecule/run.py redis site      only these
+    python molecule/run.py -j 1 site       one at a time
     python molecule/run.py worker_unit     the worker unit's devices on systemd 247/252/257
+
+Scenarios run in MORAG_MOLECULE_JOBS lanes (default 2), longest first. A scenario spends
+most of its time waiting on containers (a role scenario uses about a fifth of one core), so
+two lanes on 2 cores take little more than half the time of one. Every scenario has its own
+containers, networks and controller files; none publishes a port but the lab's API.
+After a failure no new scenario starts; those running finish and are reported.
 
 Entries of PYTEST are pytest files on the same images, not molecule scenarios.
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +42,21 @@ SCENARIOS = [
 # The hardened worker unit in systemd containers of Debian 11/12/13 (about 20 s; Debian 11's
 # image, built only for it, about a minute more): tests/systemd/test_worker_unit_devices.py.
 PYTEST = {"worker_unit": "tests/systemd"}
+# Seconds each took in CI with one lane: the longest start first so the lanes end together.
+WEIGHT = {
+    "site": 1130,
+    "firstday": 650,
+    "morag_worker": 500,
+    "morag_api": 410,
+    "morag_app": 360,
+    "nvidia_driver": 190,
+    "redis": 140,
+    "firewall": 140,
+    "nfs_server": 120,
+    "nfs_client": 70,
+    "cuda_runtime": 70,
+    "worker_unit": 40,
+}
 
 
 def run(cmd: list[str], log: Path | None = None) -> bool:
@@ -55,13 +78,36 @@ def run(cmd: list[str], log: Path | None = None) -> bool:
             == 0
         )
     if not ok:
-        print(f"--- last lines of {log}:")
-        print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:]))
+        # One print: lanes running beside this one do not cut into it.
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
+        print(f"--- last lines of {log}:\n{tail}", flush=True)
     return ok
 
 
-def main(selected: list[str]) -> int:
-    scenarios = selected or SCENARIOS
+def command(scenario: str) -> tuple[list[str], str]:
+    if scenario in PYTEST:
+        # -s: the log keeps the table of what each unit could open.
+        return [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            PYTEST[scenario],
+        ], f"pytest {PYTEST[scenario]}"
+    cmd = ["molecule", "test", "-s", scenario]
+    return cmd, " ".join(cmd)
+
+
+def main(argv: list[str]) -> int:
+    jobs = int(os.environ.get("MORAG_MOLECULE_JOBS", "2"))
+    if argv[:1] == ["-j"]:
+        jobs, argv = int(argv[1]), argv[2:]
+    scenarios = argv or SCENARIOS
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; known: {' '.join(SCENARIOS)}")
+        return 2
     logs = ROOT / ".cache" / "molecule-logs"
     logs.mkdir(parents=True, exist_ok=True)
     results: list[tuple[str, float, bool]] = []
@@ -71,6 +117,10 @@ def main(selected: list[str]) -> int:
     prepare = [("images", images)]
     if set(scenarios) - PYTEST.keys():  # the wheelhouse only for molecule scenarios
         prepare.append(("wheelhouse", ["molecule/images/wheelhouse.sh"]))
+    if os.environ.get("MORAG_PREPARED"):
+        # `make test` built both before starting the integration tests beside this run: a
+        # second wheelhouse.sh would replace the morag wheel under them.
+        prepare = []
     for name, cmd in prepare:
         print(f"=== {name}", flush=True)
         started = time.monotonic()
@@ -78,21 +128,36 @@ def main(selected: list[str]) -> int:
         results.append((name, time.monotonic() - started, ok))
         if not ok:
             return report(results, scenarios)
-    for scenario in scenarios:
-        if scenario in PYTEST:
-            # -s: the log keeps the table of what each unit could open.
-            cmd = [sys.executable, "-m", "pytest", "-q", "-s", PYTEST[scenario]]
-            label = f"pytest {PYTEST[scenario]}"
-        else:
-            cmd = ["molecule", "test", "-s", scenario]
-            label = " ".join(cmd)
-        print(f"=== {label} (log: {logs / scenario}.log)", flush=True)
-        started = time.monotonic()
-        ok = run(cmd, logs / f"{scenario}.log")
-        results.append((scenario, time.monotonic() - started, ok))
-        print(f"    {'pass' if ok else 'FAIL'} in {results[-1][1]:.0f}s", flush=True)
-        if not ok:
-            break
+    queue = sorted(scenarios, key=lambda s: -WEIGHT.get(s, 0))
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def lane() -> None:
+        while not failed.is_set():
+            with lock:
+                if not queue:
+                    return
+                scenario = queue.pop(0)
+            cmd, label = command(scenario)
+            print(f"=== {label} (log: {logs / scenario}.log)", flush=True)
+            started = time.monotonic()
+            ok = run(cmd, logs / f"{scenario}.log")
+            with lock:
+                results.append((scenario, time.monotonic() - started, ok))
+                print(
+                    f"    {scenario}: {'pass' if ok else 'FAIL'} in {results[-1][1]:.0f}s",
+                    flush=True,
+                )
+            if not ok:
+                failed.set()
+
+    started = time.monotonic()
+    lanes = [threading.Thread(target=lane) for _ in range(max(1, min(jobs, len(queue))))]
+    for t in lanes:
+        t.start()
+    for t in lanes:
+        t.join()
+    print(f"=== {len(lanes)} lane(s), wall {time.monotonic() - started:.0f}s", flush=True)
     return report(results, scenarios)
 
 
