@@ -55,6 +55,12 @@ def speech_video(dest: Path, sentence: str = VIDEO_SENTENCE) -> Path:
     return dest
 
 
+def silent_audio(dest: Path, seconds: int = 20) -> Path:
+    """Digital silence with a little noise floor: audio that decodes, with nothing said."""
+    _ffmpeg("-f", "lavfi", "-i", f"anoisesrc=d={seconds}:c=pink:a=0.0005:r=16000", str(dest))
+    return dest
+
+
 def silent_video(dest: Path) -> Path:
     _ffmpeg(
         "-f",

@@ -23,6 +23,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made = {
         "video": media.speech_video(d / "speech.mp4"),
         "silent": media.silent_video(d / "silent.mp4"),
+        "quiet": media.silent_audio(d / "quiet.wav"),
         "docx": media.docx_file(d / "notes.docx"),
         "pptx": media.pptx_file(d / "slides.pptx"),
         "xlsx": media.xlsx_file(d / "fruit.xlsx"),
@@ -102,6 +103,19 @@ def test_video_is_transcribed(stack: Stack, inputs: dict[str, Path], gpu: bool) 
     assert meta["audio_codec"] == "aac" and meta["resolution"] == "320x240"
     assert meta["duration"] > 1 and meta["model"] == "tiny.en"
     assert result["segments"]
+
+
+def test_audio_without_speech_succeeds_with_a_warning(
+    stack: Stack, inputs: dict[str, Path]
+) -> None:
+    result = _ok(_file(stack, inputs["quiet"], False), False)
+    assert result["content"] == ""
+    assert result["warnings"] == ["no speech found in 20.0 s of audio: the transcript is empty"]
+
+
+def test_speech_has_no_warning(stack: Stack, inputs: dict[str, Path]) -> None:
+    result = _ok(_file(stack, inputs["video"], False), False)
+    assert result["content"] and result["warnings"] == []
 
 
 def test_video_without_audio_fails_with_reason(stack: Stack, inputs: dict[str, Path]) -> None:

@@ -7,6 +7,8 @@
   the way left the host without one. Each play now applies it first and loads it at once.
 - `firewall_apply: false` with a non-root login failed: `unshare -Urn nft -c` could not read
   Ansible's temporary file in the login's home (issue 22 item 7).
+- A host that may not change its firewall (no CAP_NET_ADMIN) failed with nft's bare
+  "Operation not permitted"; the failure now names `firewall_apply` (issue 22 item 8).
 
 The role runs for real on this machine (local connection; the check-only mode,
 firewall_apply false, so nothing is loaded); SSH_CONNECTION is what sshd would set.
@@ -189,9 +191,19 @@ def test_each_play_applies_the_firewall_first(play: str) -> None:
     assert steps.count("firewall") == 1
 
 
+def _tasks(tasks: list[dict]) -> list[dict]:
+    """Every task, those of blocks and rescues included."""
+    flat = []
+    for task in tasks:
+        flat.append(task)
+        for part in ("block", "rescue", "always"):
+            flat += _tasks(task.get(part, []))
+    return flat
+
+
 def test_the_ruleset_is_loaded_at_once_not_by_a_handler() -> None:
     # A handler runs at the end of the play: a failure in between skips it.
-    configure = yaml.safe_load((ROOT / "roles/firewall/tasks/configure.yml").read_text())
+    configure = _tasks(yaml.safe_load((ROOT / "roles/firewall/tasks/configure.yml").read_text()))
     assert not any("notify" in task for task in configure)
     loads = [
         t
@@ -199,3 +211,46 @@ def test_the_ruleset_is_loaded_at_once_not_by_a_handler() -> None:
         if t.get("ansible.builtin.command", {}).get("argv", [])[:2] == ["nft", "-f"]
     ]
     assert len(loads) == 1
+
+
+def test_a_host_without_cap_net_admin_is_told_to_set_firewall_apply(
+    tmp_path: Path,
+) -> None:
+    """firewall_apply true (the default) where nft may not talk to the kernel: the run
+    fails naming the variable, as on a container without CAP_NET_ADMIN."""
+    if ANSIBLE is None or NFT is None:
+        pytest.skip("ansible-playbook and nftables come with make deps")
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to drop CAP_NET_ADMIN")
+    inventory = {
+        "all": {
+            "children": {
+                "cases": {
+                    "hosts": {
+                        "nocap": {
+                            "ansible_connection": "local",
+                            "ansible_python_interpreter": sys.executable,
+                            "ssh_connection": "10.9.8.7 50022 10.0.0.2 22",
+                        }
+                    }
+                },
+                "server": {"hosts": {"localhost": {"ansible_connection": "local"}}},
+            }
+        }
+    }
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "fw.yml").write_text(
+        PLAYBOOK.replace("firewall_apply: false", "firewall_apply: true")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SSH_"))}
+    env |= {"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_LOCALHOST_WARNING": "false"}
+    env["PATH"] = f"/usr/sbin{os.pathsep}{env['PATH']}"
+    args = [setpriv, "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", ANSIBLE]
+    args += ["-i", str(tmp_path / "hosts.yml"), str(tmp_path / "fw.yml")]
+    args += ["-e", f"out_dir={tmp_path}"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "Operation not permitted" in output and "Set firewall_apply: false" in output, output
+    assert not (tmp_path / "nocap.nft").exists()  # validate refused it: nothing half-written

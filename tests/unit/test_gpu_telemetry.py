@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -120,3 +121,16 @@ def test_without_a_driver_here_the_real_module_answers_nothing(monkeypatch) -> N
     # This machine has nvidia-ml-py but no NVIDIA driver: NVML fails to load, softly.
     monkeypatch.setattr(gpu_telemetry, "_telemetry", None)
     assert gpu_telemetry.sample() == []
+
+
+def test_a_gpu_less_host_says_nvml_is_unavailable_once(caplog) -> None:
+    now = [100.0]
+    nvml = FakeNvml(init_fails=True)
+    telemetry = GpuTelemetry(None, nvml=nvml, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="morag.gpu_telemetry"):
+        for _ in range(5):  # five minutes of heartbeats on a host without a driver
+            assert telemetry.sample() == []
+            now[0] += gpu_telemetry.RETRY_SECONDS
+    assert nvml.inits == 5
+    said = [r for r in caplog.records if "NVML unavailable" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO

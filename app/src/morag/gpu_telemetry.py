@@ -56,6 +56,7 @@ class GpuTelemetry:
         self._started = False
         self._disabled = False  # pynvml missing: nothing will ever change that
         self._retry_at = 0.0
+        self._unavailable: str | None = None  # the reason last logged at info
         self._gpus: list[dict[str, Any]] = []  # {"index", "uuid", "name", "handle"}
 
     # -- start: import, init, resolve the bound GPUs ------------------------------------
@@ -76,7 +77,11 @@ class GpuTelemetry:
         try:
             nvml.nvmlInit()
         except Exception as exc:
-            log.info("NVML unavailable (%s): no GPU telemetry for now", exc)
+            # Said once per reason: a GPU-less host retries every minute for its lifetime.
+            reason = str(exc)
+            level = logging.DEBUG if reason == self._unavailable else logging.INFO
+            log.log(level, "NVML unavailable (%s): no GPU telemetry for now", reason)
+            self._unavailable = reason
             self._retry_at = self._clock() + RETRY_SECONDS
             return False
         try:
@@ -87,6 +92,7 @@ class GpuTelemetry:
             self._retry_at = self._clock() + RETRY_SECONDS
             return False
         self._started = True
+        self._unavailable = None
         log.info("GPU telemetry for %s", ", ".join(g["uuid"] for g in self._gpus) or "no GPU")
         return True
 

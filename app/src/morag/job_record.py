@@ -106,6 +106,11 @@ class Result(Open):
     subtitles: dict[str, str] | None = Field(
         default=None, description="format (srt, vtt) -> subtitle file text"
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what a client should know about a result that still succeeded, "
+        "e.g. no speech found in the audio (silence is not an error, but not a transcript)",
+    )
 
 
 class Source(Open):

@@ -4,7 +4,8 @@ Options (checked by the API against ``morag.api.schemas.JobOptions``): ``languag
 (unset: detected, reported in ``metadata.language`` with its probability), ``task``
 (``transcribe`` or ``translate`` into English), ``word_timestamps``, ``vad_filter``
 (faster-whisper's bundled Silero VAD skips silence), ``prompt``, ``temperature``,
-``beam_size``, ``subtitles`` (``["srt", "vtt"]``: ``result.subtitles``) and
+``beam_size``, ``subtitles`` (``["srt", "vtt"]``: ``result.subtitles``) with
+``max_line_width`` / ``max_line_count`` (line wrapping, ``morag.subtitles``) and
 ``segment_details`` (token ids and decoding scores per segment, for OpenAI's verbose_json).
 """
 
@@ -90,9 +91,19 @@ class AudioProcessor:
         }
         if kwargs["vad_filter"]:
             result["metadata"]["speech_duration"] = round(float(info.duration_after_vad), 3)
+        if not result["content"]:
+            # Silence and a broken microphone both end here: say so, so that a client can
+            # tell "nothing was said" from a transcript it lost.
+            result["warnings"] = [
+                f"no speech found in {duration:.1f} s of audio: the transcript is empty"
+            ]
         formats = [f for f in options.get("subtitles") or [] if f in subtitles.FORMATS]
         if formats:
-            result["subtitles"] = {f: subtitles.render(f, segments) for f in formats}
+            limits = {
+                name: int(options[name]) if options.get(name) is not None else None
+                for name in ("max_line_width", "max_line_count")
+            }
+            result["subtitles"] = {f: subtitles.render(f, segments, **limits) for f in formats}
         return result
 
 
