@@ -67,6 +67,11 @@ CASES: dict[str, dict[str, object]] = {
     # Ansible's temporary files in a non-root login's home (0700, its uid): the check's
     # user namespace maps only root and used to get "Permission denied" there.
     "login_home": {"ssh_connection": "10.9.8.7 50022 10.0.0.2 22"},
+    # A server-like ruleset that serves the fleet (the default case above serves nothing).
+    "fleet_rule": {
+        "ssh_connection": "10.9.8.7 50022 10.0.0.2 22",
+        "firewall_rules": [{"name": "Redis", "from": ["fleet"], "ports": [6379]}],
+    },
 }
 
 
@@ -159,6 +164,15 @@ def test_without_an_ssh_connection_ssh_is_not_opened_to_the_world(
     assert "tcp dport 22 accept" not in ssh_lines(text)
     assert set_elements(text, "ssh4") == "" and set_elements(text, "ssh6") == ""
     assert "SSH is accepted from loopback only" in str(run["output"])
+
+
+def test_only_a_ruleset_that_serves_the_fleet_lists_it(run: dict[str, object]) -> None:
+    # A worker's ruleset (no `fleet` rule) must not change when a host joins the fleet: adding
+    # a host then changes the server (admit_on_server.yml) and nothing else (issue 22 item 4).
+    assert set_elements(ruleset(run, "default"), "fleet4") == ""
+    served = ruleset(run, "fleet_rule")
+    assert "127.0.0.1" in set_elements(served, "fleet4")
+    assert "ip saddr @fleet4 tcp dport { 6379 } accept" in served
 
 
 def test_an_empty_source_list_is_refused_naming_the_variable(run: dict[str, object]) -> None:
