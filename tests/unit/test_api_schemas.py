@@ -139,10 +139,11 @@ def test_bearer_key() -> None:
     openai_audio.bearer_key("Bearer k1", ["k0", "k1"])
     openai_audio.bearer_key("bearer  k1 ", ["k1"])
     for header, code in [
-        (None, "no_api_key"),
-        ("k1", "no_api_key"),
-        ("Bearer", "no_api_key"),
-        ("Basic k1", "no_api_key"),
+        # OpenAI's code for a missing key and a wrong one alike.
+        (None, "invalid_api_key"),
+        ("k1", "invalid_api_key"),
+        ("Bearer", "invalid_api_key"),
+        ("Basic k1", "invalid_api_key"),
         ("Bearer k2", "invalid_api_key"),
     ]:
         with pytest.raises(Exception) as exc:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -33,14 +37,74 @@ API_KEY = typer.Option(
 )
 
 
+class CliError(Exception):
+    """A failure the command reports and exits on: ``what`` (for people, the red part),
+    ``detail``, the HTTP ``status`` and the API's ``code`` when an answer said so."""
+
+    def __init__(
+        self,
+        what: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        exit_code: int = 1,
+    ) -> None:
+        super().__init__(f"{what}: {detail}")
+        self.what = what
+        self.detail = detail
+        self.status = status
+        self.code = code
+        self.exit_code = exit_code
+
+    def as_json(self) -> dict[str, Any]:
+        # An API answer's detail is the error; a local failure says what failed, too.
+        error = self.detail if self.status is not None else f"{self.what}: {self.detail}"
+        return {"error": error, "status": self.status, "code": self.code}
+
+
+@contextlib.contextmanager
+def reported(as_json: bool) -> Iterator[None]:
+    """Print a CliError (or a bad option value) and exit with its code: with ``--json`` as
+    one JSON object on stdout, where the command's other output goes, so a script reads
+    every outcome the same way; otherwise as a red line on stderr."""
+    try:
+        yield
+    except CliError as exc:
+        if as_json:
+            print(json.dumps(exc.as_json()), flush=True)
+        else:
+            err.print(f"[red]{escape(exc.what)}:[/red] {escape(exc.detail)}")
+        raise typer.Exit(exc.exit_code) from exc
+    except typer.BadParameter as exc:
+        if not as_json:
+            raise
+        hint = exc.param_hint if isinstance(exc.param_hint, str) else None
+        body = {"error": exc.format_message(), "status": None, "code": "bad_parameter"}
+        print(json.dumps({**body, "param": hint}), flush=True)
+        raise typer.Exit(2) from exc
+
+
+def json_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """A command whose failures are reported as its ``--json`` (``as_json``) asks."""
+
+    @functools.wraps(command)  # typer reads the wrapped signature
+    def run(*args: Any, **kwargs: Any) -> None:
+        with reported(bool(kwargs.get("as_json"))):
+            command(*args, **kwargs)
+
+    return run
+
+
 def _settings() -> Any:
     from morag.config import get_settings
 
     try:
         return get_settings()
     except ValidationError as exc:
-        err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise CliError(
+            "invalid configuration", str(exc), code="invalid_configuration", exit_code=2
+        ) from exc
 
 
 def _key(explicit: str | None) -> str:
@@ -48,11 +112,13 @@ def _key(explicit: str | None) -> str:
         return explicit
     keys = _settings().api_key_values()
     if not keys:
-        err.print(
-            "[red]no API key:[/red] pass --api-key or set MORAG_API_KEY"
-            " (on a worker host, `morag workers --redis` reads the heartbeats without one)"
+        raise CliError(
+            "no API key",
+            "pass --api-key or set MORAG_API_KEY"
+            " (on a worker host, `morag workers --redis` reads the heartbeats without one)",
+            code="no_api_key",
+            exit_code=2,
         )
-        raise typer.Exit(2)
     return keys[0]
 
 
@@ -67,7 +133,8 @@ def api(
     from morag.api.app import ConfigurationError, create_app
     from morag.api.server import uvicorn_options
 
-    settings = _settings()
+    with reported(False):
+        settings = _settings()
     try:
         application = create_app(settings)
     except ConfigurationError as exc:
@@ -91,7 +158,8 @@ def worker(
             f"declared queues: {', '.join(DECLARED_QUEUES)}"
         )
         raise typer.Exit(2)
-    settings = _settings()
+    with reported(False):
+        settings = _settings()
     from morag.worker import celery_app, require_device
 
     # Before Celery starts (and connects): MORAG_DEVICE=cuda without usable CUDA exits 78.
@@ -144,7 +212,8 @@ def gpu_check(
     from morag.devices import EX_CONFIG, unavailable_message
     from morag.processors.audio import compute_type_for
 
-    compute_type = compute_type_for("cuda", _settings().whisper_compute_type)
+    with reported(as_json):
+        compute_type = compute_type_for("cuda", _settings().whisper_compute_type)
     info, result = cuda_check.check_here(compute_type=compute_type, timeout=timeout)
     passed = isinstance(result, cuda_check.CudaCheck) and result.passed
     problem = result.problem if isinstance(result, cuda_check.CudaCheck) else result
@@ -173,32 +242,38 @@ def _client(api_url: str, api_key: str | None) -> httpx.Client:
     try:
         verify = _settings().api_tls_verify()
     except OSError as exc:
-        err.print(f"[red]cannot load MORAG_API_CA_FILE:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise CliError(
+            "cannot load MORAG_API_CA_FILE", str(exc), code="ca_file", exit_code=2
+        ) from exc
     return httpx.Client(
         base_url=api_url, headers={"X-API-Key": _key(api_key)}, timeout=60.0, verify=verify
     )
 
 
 def _request(client: httpx.Client, method: str, url: str, **kwargs: Any) -> Any:
-    """One API call; an unreachable API or an error answer exits 1 with the reason."""
+    """One API call; an unreachable API or an error answer is a CliError (exit 1)."""
     try:
         resp = client.request(method, url, **kwargs)
     except httpx.TransportError as exc:
-        err.print(f"[red]cannot reach the API at {client.base_url}:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise CliError(
+            f"cannot reach the API at {client.base_url}",
+            str(exc) or type(exc).__name__,
+            code="unreachable",
+        ) from exc
     _fail_on(resp)
     return resp.json()
 
 
 def _fail_on(resp: httpx.Response) -> None:
     if resp.status_code >= 400:
+        code = None
         try:
-            detail = resp.json().get("detail")
-        except ValueError:
+            body = resp.json()
+            detail = str(body.get("detail"))
+            code = body.get("code")
+        except (ValueError, AttributeError):
             detail = resp.text
-        err.print(f"[red]HTTP {resp.status_code}:[/red] {detail}")
-        raise typer.Exit(1)
+        raise CliError(f"HTTP {resp.status_code}", detail, status=resp.status_code, code=code)
 
 
 def _json_option(value: str | None, name: str) -> dict[str, Any] | None:
@@ -225,6 +300,7 @@ def _is_url(target: str) -> bool:
 
 
 @app.command()
+@json_errors
 def submit(
     targets: list[str] = typer.Argument(..., help="files to upload and/or http(s) URLs"),
     gpu: bool = typer.Option(False, "--gpu", help="ask for a GPU worker"),
@@ -246,8 +322,7 @@ def submit(
     files = [t for t in targets if not _is_url(t)]
     for name in files:
         if not Path(name).is_file():
-            err.print(f"[red]not a file or an http(s) URL:[/red] {name}")
-            raise typer.Exit(2)
+            raise CliError("not a file or an http(s) URL", name, code="not_a_file", exit_code=2)
     jobs: list[Accepted] = []
     with _client(api_url, api_key) as client:
         for target in targets:
@@ -338,6 +413,7 @@ def _print_job(job: Job) -> None:
 
 
 @app.command()
+@json_errors
 def status(
     task_id: str,
     wait: bool = typer.Option(False, "--wait", help="follow the job until it ends"),
@@ -358,6 +434,7 @@ def status(
 
 
 @app.command()
+@json_errors
 def cancel(
     task_id: str,
     api_url: str = API_URL,
@@ -374,6 +451,7 @@ def cancel(
 
 
 @app.command()
+@json_errors
 def search(
     query: str,
     limit: int = typer.Option(5, min=1, max=100, help="how many chunks"),
@@ -401,6 +479,7 @@ def search(
 
 
 @app.command()
+@json_errors
 def workers(
     from_redis: bool = typer.Option(
         False,
@@ -468,8 +547,7 @@ def _heartbeats_from_redis() -> list[dict[str, Any]]:
     try:
         return read_heartbeats(client)
     except redis.RedisError as exc:
-        err.print(f"[red]Redis unavailable:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise CliError("Redis unavailable", str(exc), code="unavailable") from exc
 
 
 def main() -> None:

@@ -21,7 +21,11 @@ is `GET /openapi.json` (Swagger UI: `GET /docs`), both behind the API key.
 
 - **Authentication**: `X-API-Key: <key>` on every route except `/health` and `/ready`;
   `/api/v1/files/*` takes `X-Worker-Token`, `/metrics` `Authorization: Bearer
-  <MORAG_METRICS_TOKEN>`, the OpenAI-compatible `/v1/audio/*` `Authorization: Bearer <key>`.
+  <MORAG_METRICS_TOKEN>`, the OpenAI-compatible `/v1/*` `Authorization: Bearer <key>`.
+  The schema declares them as security schemes (below, "Security schemes"), and each
+  operation names the one it takes, so Swagger UI's "Authorize" and generated clients
+  send the right header. A missing credential is a 401, a wrong one a 403 (401 under
+  `/v1/` and on `/metrics`).
 - **One way per parameter**: job parameters (`gpu`, `options`, `metadata`, `webhook_url`)
   travel in the request body: form fields with an upload, JSON members otherwise. The query
   string carries only read modifiers (`wait`, `limit`, `offset`, `source`). `?gpu=` on
@@ -30,11 +34,14 @@ is `GET /openapi.json` (Swagger UI: `GET /docs`), both behind the API key.
 - **Paging**: list answers hold `total`, `count` (this page), `offset`, `limit` and the
   items; `limit` is 1-500 (default 100).
 - **Errors**: `{"detail": str, "code": str}` (validation errors add `errors`, one entry
-  per field); under `/v1/` OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+  per field); under `/v1/` OpenAI's `{"error": {"message", "type", "param", "code"}}`,
+  every invalid request a 400 (never 415/422), and an answer whose job goes on (504, or
+  503 while waiting) carries `x-should-retry: false` so OpenAI's SDKs start no second job.
 - **Job states** (`JobStatus`): `queued`, `running`, then one of `succeeded`, `failed`,
   `cancelled`.
 - **Options** (`options`, a JSON object): the members of `JobOptions` below are checked
-  (422 when wrong); other members are passed to the processor unchanged.
+  (422 when wrong), and so is a near-miss of one of them (`subtitle`: "did you mean
+  subtitles?"); other members are passed to the processor unchanged.
 - **Retrying a submission** (`Idempotency-Key` header, on every route that creates jobs:
   `/process/*`, `/api/v1/ingest/*`, `/v1/audio/*`): a request repeated with the same key by
   the same API key returns the first request's job or batch (same status and body shape;
@@ -106,6 +113,8 @@ def _operation(method: str, path: str, op: dict[str, Any]) -> list[str]:
     lines = [f"### {method.upper()} {path}", ""]
     if op.get("description"):
         lines += [op["description"].strip(), ""]
+    for requirement in op.get("security", []):
+        lines += ["Authentication: " + ", ".join(f"`{name}`" for name in requirement), ""]
     params = [p for p in op.get("parameters", []) if p["in"] != "header"]
     if params:
         lines += ["| parameter | in | type | required | notes |", "|---|---|---|---|---|"]
@@ -138,6 +147,16 @@ def render(schema: dict[str, Any], extra_models: dict[str, dict[str, Any]]) -> s
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
             lines += _operation(method, path, op)
+    schemes = schema.get("components", {}).get("securitySchemes", {})
+    if schemes:
+        lines += ["## Security schemes", "", "| name | sends | meaning |", "|---|---|---|"]
+        for name, scheme in schemes.items():
+            if scheme["type"] == "apiKey":
+                sends = f"`{scheme['name']}: <value>` ({scheme['in']})"
+            else:
+                sends = f"`Authorization: {scheme.get('scheme', '').title()} <value>`"
+            lines.append(f"| `{name}` | {sends} | {_cell(scheme.get('description'))} |")
+        lines.append("")
     lines += ["## Models", ""]
     models = {**schema.get("components", {}).get("schemas", {}), **extra_models}
     for name in sorted(models):

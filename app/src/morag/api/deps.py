@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, Header, HTTPException, Request, UploadFile
+from fastapi import Depends, Header, HTTPException, Request, Security, UploadFile
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from morag import files, idempotency
@@ -60,9 +61,41 @@ def check_worker_token(given: str | None, token: str | None) -> None:
         raise AuthFailure(403, "invalid worker token", "bad_worker_token")
 
 
-def require_api_key(
-    request: Request, x_api_key: str | None = Header(default=None, alias="X-API-Key")
-) -> None:
+# The credentials as OpenAPI security schemes (components.securitySchemes, and a `security`
+# requirement on each operation that uses one), so /docs' "Authorize" and generated clients
+# know how to authenticate. auto_error=False: a missing credential is answered below, with
+# the API's own body and code, not FastAPI's.
+API_KEY_SCHEME = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="ApiKey",
+    description="one of MORAG_API_KEYS: the native API (not /health, /ready, /metrics, /v1/)",
+    auto_error=False,
+)
+WORKER_TOKEN_SCHEME = APIKeyHeader(
+    name="X-Worker-Token",
+    scheme_name="WorkerToken",
+    description="MORAG_WORKER_TOKEN: workers fetching an upload from /api/v1/files",
+    auto_error=False,
+)
+OPENAI_BEARER_SCHEME = HTTPBearer(
+    scheme_name="OpenAIBearer",
+    description="one of MORAG_API_KEYS, as OpenAI's SDKs send it: the /v1/ routes",
+    auto_error=False,
+)
+METRICS_BEARER_SCHEME = HTTPBearer(
+    scheme_name="MetricsToken",
+    description="MORAG_METRICS_TOKEN, as Prometheus sends it: /metrics",
+    auto_error=False,
+)
+
+
+def bearer_header(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The ``Authorization`` value back from HTTPBearer's parse (None: missing, or not
+    Bearer), for the checks that take the header as the ASGI guard sees it."""
+    return f"Bearer {credentials.credentials}" if credentials else None
+
+
+def require_api_key(request: Request, x_api_key: str | None = Security(API_KEY_SCHEME)) -> None:
     try:
         check_api_key(x_api_key, services(request).settings.api_key_values())
     except AuthFailure as exc:
@@ -70,7 +103,7 @@ def require_api_key(
 
 
 def require_worker_token(
-    request: Request, x_worker_token: str | None = Header(default=None, alias="X-Worker-Token")
+    request: Request, x_worker_token: str | None = Security(WORKER_TOKEN_SCHEME)
 ) -> None:
     token = services(request).settings.worker_token
     try:
@@ -80,21 +113,22 @@ def require_worker_token(
 
 
 def require_metrics_token(
-    request: Request, authorization: str | None = Header(default=None)
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Security(METRICS_BEARER_SCHEME),
 ) -> None:
     """``Authorization: Bearer <MORAG_METRICS_TOKEN>``, as Prometheus sends it. API keys and
     the worker token are not accepted; without a configured token the endpoint is off."""
     token = services(request).settings.metrics_token
     if token is None or not token.get_secret_value():
         raise HTTPException(404, "metrics are disabled: set MORAG_METRICS_TOKEN to enable them")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    given = credentials.credentials.strip() if credentials else ""
+    if not given:
         raise HTTPException(
             401,
             "missing metrics token: send Authorization: Bearer <MORAG_METRICS_TOKEN>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not _matches(given.strip(), [token.get_secret_value()]):
+    if not _matches(given, [token.get_secret_value()]):
         raise HTTPException(
             401,
             "invalid metrics token",

@@ -100,6 +100,9 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if _is_openai(request):
+        if status in (415, 422):
+            # OpenAI answers every invalid request 400; its SDKs raise BadRequestError.
+            status = 400
         body = openai_body(status, detail, code, param)
     else:
         body = {"detail": detail, "code": code}

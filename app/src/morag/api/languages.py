@@ -37,3 +37,24 @@ def language_name(code: str | None) -> str:
     if not code:
         return "english"
     return WHISPER_LANGUAGES.get(code.lower(), code)
+
+
+def english_only(model: str) -> bool:
+    """Whether MORAG_WHISPER_MODEL names an English-only model: Whisper's ``*.en`` models
+    (``tiny.en``, ``Systran/faster-whisper-small.en``, ``/srv/models/base.en``). A name that
+    does not say so is taken as multilingual; the worker, which loads it, still refuses
+    what the model cannot do."""
+    name = model.rstrip("/").rsplit("/", 1)[-1].lower()
+    return name.endswith((".en", "-en"))
+
+
+def language_problem(code: str, model: str) -> str | None:
+    """Why ``code`` cannot be transcribed with ``model``, or None when it can."""
+    if code.lower() not in WHISPER_LANGUAGES:
+        return f"language {code!r} is not one Whisper knows: use an ISO 639-1 code such as 'en'"
+    if code.lower() != "en" and english_only(model):
+        return (
+            f"the served model {model} is English-only: language {code!r} cannot be "
+            "transcribed (use 'en', or leave language unset)"
+        )
+    return None

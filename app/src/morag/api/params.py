@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,30 @@ def paging(
     return Paging(limit=limit, offset=offset)
 
 
+def _normal(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def misspelt_options(options: dict[str, Any]) -> list[str]:
+    """``options.subtitle: unknown option (did you mean subtitles?)`` for each member that is
+    not an option but nearly one. Other unknown members still pass to the processor."""
+    known = {_normal(name): name for name in JobOptions.model_fields}
+    problems = []
+    for name in options:
+        if name in JobOptions.model_fields:
+            continue
+        close = difflib.get_close_matches(_normal(name), list(known), n=1, cutoff=0.8)
+        if close:
+            problems.append(f"options.{name}: unknown option (did you mean {known[close[0]]}?)")
+    return problems
+
+
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Validate the members of ``options`` this service knows; the dict stays as sent."""
+    """Validate the members of ``options`` this service knows, and refuse near-misses of
+    them (a typo would otherwise be ignored without a word); the dict stays as sent."""
+    misspelt = misspelt_options(options)
+    if misspelt:
+        raise ApiError(422, "; ".join(misspelt), "invalid_input")
     try:
         JobOptions.model_validate(options)
     except ValidationError as exc:

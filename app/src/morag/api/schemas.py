@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # The job's own models, one definition for the store, the workers and this contract;
 # re-exported here (``as``) with the rest of the contract.
@@ -90,8 +90,9 @@ SubtitleFormat = Literal["srt", "vtt"]
 
 
 class JobOptions(Open):
-    """``options``: what the processor should do. Unknown members are passed to the
-    processor as they are; the members below are checked here."""
+    """``options``: what the processor should do. The members below are checked here, and a
+    near-miss of one (``subtitle``) is refused; other unknown members are passed to the
+    processor as they are."""
 
     content_type: str | None = Field(
         default=None, description="force a processor (audio, video, document, ...)"
@@ -112,6 +113,22 @@ class JobOptions(Open):
     subtitles: list[SubtitleFormat] = Field(
         default_factory=list, description="result.subtitles in these formats"
     )
+    # openai/whisper's writer options; unset: one cue per segment, as before.
+    max_line_width: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        strict=True,  # a JSON number: not true, not "20"
+        description="subtitles: wrap cue text into lines of at most this many characters",
+    )
+    max_line_count: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        strict=True,  # a JSON number: not true, not "20"
+        description="subtitles: at most this many lines per cue (a segment becomes several "
+        "cues); needs max_line_width",
+    )
     prompt: str | None = Field(default=None, max_length=2000, description="initial prompt")
     temperature: float | None = Field(default=None, ge=0, le=1)
     beam_size: int = Field(default=1, ge=1, le=10)
@@ -121,6 +138,15 @@ class JobOptions(Open):
         pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$",
         description="tesseract languages for images, e.g. eng+deu",
     )
+
+    @field_validator("max_line_count")
+    @classmethod
+    def _count_needs_width(cls, count: int | None, info: ValidationInfo) -> int | None:
+        # Lines come from wrapping at max_line_width: without it a segment is one line.
+        # (A width that failed its own check is not in info.data: no second complaint.)
+        if count is not None and info.data.get("max_line_width", 0) is None:
+            raise ValueError("needs max_line_width (lines are made by wrapping at that width)")
+        return count
 
 
 # -- requests ------------------------------------------------------------------------------

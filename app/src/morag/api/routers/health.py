@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from morag.api.deps import services
+from morag.api.schemas import Health, Readiness
 from morag.config import STORE_QUEUE
 from morag.fleet import GpuWorkers, gpu_workers
 from morag.submission import Services
@@ -19,7 +20,7 @@ from morag.submission import Services
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -45,7 +46,15 @@ def gpu_workers_text(gpu: GpuWorkers) -> str:
     return text
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={
+        200: {"description": "ready, or degraded: jobs are taken but part of the work waits"},
+        # Not ErrorBody: a 503 here is the same readiness report, with the failed checks.
+        503: {"model": Readiness, "description": "not ready: Redis or the shared dir is down"},
+    },
+)
 def ready(svc: Services = Depends(services)) -> JSONResponse:
     """503 when the API cannot take jobs (Redis, shared dir); ``degraded`` (200) when it can
     but part of the work waits: no morag-store worker alive, or unsent job messages."""

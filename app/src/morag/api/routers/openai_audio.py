@@ -8,6 +8,12 @@ upload lands in the shared directory, ``gpu`` (form field; default MORAG_OPENAI_
 the route with the usual CPU fallback, and the answer waits for the result (at most
 MORAG_OPENAI_WAIT seconds; then 504 with the job id, which ``/api/v1/status`` still serves).
 Two additions: ``vad_filter`` (skip silence) and the ``X-MoRAG-*`` answer headers.
+
+An answer whose job goes on (the 504, or a Redis failure while waiting) carries
+``x-should-retry: false``: the SDKs retry any 5xx (the Python SDK twice), and each retry
+would start another job. ``GET /v1/models`` lists the served model (what speaches and Open
+WebUI ask first). What these routes cannot do is refused before a job is queued, with the
+``param`` (``language`` the model does not speak, ``include[]``, ``chunking_strategy``).
 """
 
 from __future__ import annotations
@@ -15,23 +21,27 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
+import redis
+from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFile
 from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from morag import files, subtitles
 from morag.api.deps import (
+    OPENAI_BEARER_SCHEME,
     AuthFailure,
     IdempotencyHeader,
     IdempotencyKey,
     _matches,
     accept_upload,
+    bearer_header,
     services,
     wait_for_end,
 )
 from morag.api.errors import ApiError
-from morag.api.languages import language_name
+from morag.api.languages import language_name, language_problem
 from morag.idempotency import Idempotency
 from morag.job_record import JobRecord, Result
 from morag.jobs import QUEUED, RUNNING, SUCCEEDED
@@ -105,20 +115,23 @@ class TranscriptionVerbose(BaseModel):
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": OpenAIError, "description": text}
     for status, text in {
-        400: "invalid request, or audio that cannot be transcribed",
-        401: "missing or invalid API key",
+        400: "invalid request: a field, a file that is not audio or cannot be decoded, "
+        "an unsupported language, include[] or chunking_strategy",
+        401: "missing or invalid API key (code invalid_api_key)",
         403: "invalid API key",
+        404: "no such model",
         413: "upload too large",
-        415: "not an audio or video file",
         # Declared so the schema has no FastAPI default here: invalid fields answer 400.
         409: "a request with the same Idempotency-Key is still being submitted",
         422: "not answered by these routes (invalid fields: 400, as OpenAI does)",
-        503: "Redis unavailable",
-        504: "no result within MORAG_OPENAI_WAIT (the job goes on: X-MoRAG-Task-Id)",
+        503: "Redis unavailable (x-should-retry: false when a job was already queued)",
+        504: "no result within MORAG_OPENAI_WAIT (the job goes on: X-MoRAG-Task-Id; "
+        "x-should-retry: false, so the SDKs do not start another)",
     }.items()
 }
+# Transcription routes; 404 is /v1/models/{model}'s alone.
 ANSWERS: dict[int | str, dict[str, Any]] = {
-    **OPENAI_ERRORS,
+    **{status: answer for status, answer in OPENAI_ERRORS.items() if status != 404},
     200: {
         "description": "json and verbose_json: a JSON object; text, srt, vtt: plain text",
         "content": {"text/plain": {"schema": {"type": "string"}}},
@@ -134,16 +147,20 @@ def bearer_key(authorization: str | None, keys: list[str]) -> None:
     AuthFailure. Also used by the ASGI guard, before the upload is read."""
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
+        # OpenAI's code for every refused key: clients test it to tell "fix your key".
         raise AuthFailure(
-            401, "missing API key: send Authorization: Bearer <API key>", "no_api_key"
+            401, "missing API key: send Authorization: Bearer <API key>", "invalid_api_key"
         )
     if not _matches(given.strip(), keys):
         raise AuthFailure(401, "invalid API key", "invalid_api_key")
 
 
-def require_bearer(request: Request, authorization: str | None = Header(default=None)) -> None:
+def require_bearer(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Security(OPENAI_BEARER_SCHEME),
+) -> None:
     try:
-        bearer_key(authorization, services(request).settings.api_key_values())
+        bearer_key(bearer_header(credentials), services(request).settings.api_key_values())
     except AuthFailure as exc:
         raise ApiError(
             exc.status, exc.detail, exc.code, headers={"WWW-Authenticate": "Bearer"}
@@ -151,8 +168,10 @@ def require_bearer(request: Request, authorization: str | None = Header(default=
 
 
 CLIENT_GONE = "cancelled: the client closed the connection before the transcription ended"
+# OpenAI's SDKs obey this (non-standard) header before their own retry rules.
+NO_RETRY = {"x-should-retry": "false"}
 
-router = APIRouter(prefix="/v1/audio", tags=["openai"], dependencies=[Depends(require_bearer)])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_bearer)])
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -170,6 +189,30 @@ def _check_model(model: str, svc: Services) -> None:
         )
 
 
+def _check_language(language: str, svc: Services) -> str:
+    problem = language_problem(language, svc.settings.whisper_model)
+    if problem is not None:
+        raise ApiError(400, problem, "unsupported_language", param="language")
+    return language.lower()
+
+
+# Form fields of OpenAI's API this service does not implement, refused rather than
+# ignored (a client would get an answer without what it asked for). The SDK sends lists
+# as ``include[]`` and objects as ``chunking_strategy[type]``.
+UNSUPPORTED_FIELDS = {
+    "include": "include[] (logprobs) is not supported: Whisper models return no logprobs",
+    "chunking_strategy": "chunking_strategy is not supported: use vad_filter=true to skip silence",
+}
+
+
+async def _refuse_unsupported(request: Request) -> None:
+    form = await request.form()  # parsed already for the route's fields: no second read
+    for name in form:
+        base = name.split("[", 1)[0]
+        if base in UNSUPPORTED_FIELDS:
+            raise ApiError(400, UNSUPPORTED_FIELDS[base], "unsupported_parameter", param=base)
+
+
 def _submit(
     svc: Services,
     upload: UploadFile,
@@ -183,9 +226,10 @@ def _submit(
         if accepted.source.file_id:
             files.remove_upload(svc.settings.uploads_dir, accepted.source.file_id)
         raise BadInput(
-            415,
+            400,
             f"{upload.filename or 'the file'} is {accepted.content_type}, not audio or "
             "video: nothing to transcribe",
+            "unsupported_type",
         )
     src = accepted.source
     idem = key.bind(route, [src.sha256, src.size, src.filename, gpu, options]) if key else None
@@ -281,6 +325,9 @@ async def _run(
     key: IdempotencyHeader | None,
 ) -> Any:
     _check_model(model, svc)
+    await _refuse_unsupported(request)
+    if language:
+        language = _check_language(language, svc)
     if granularities and fmt != "verbose_json":
         raise ApiError(
             400,
@@ -307,12 +354,22 @@ async def _run(
         )
     except BadInput as exc:
         raise ApiError(exc.status, exc.detail, exc.code, param="file") from exc
-    final = (
-        await wait_for_end(
-            svc, record.task_id, svc.settings.openai_wait, stop=request.is_disconnected
+    try:
+        final = (
+            await wait_for_end(
+                svc, record.task_id, svc.settings.openai_wait, stop=request.is_disconnected
+            )
+            or record
         )
-        or record
-    )
+    except redis.RedisError as exc:
+        # The job is queued: a retry would queue another one.
+        raise ApiError(
+            503,
+            f"Redis unavailable ({type(exc).__name__}) while waiting; the job goes on: "
+            f"GET /api/v1/status/{record.task_id}",
+            "unavailable",
+            headers={**_headers(record), **NO_RETRY},
+        ) from exc
     if final.status in (QUEUED, RUNNING) and await request.is_disconnected():
         # The answer is the only way to the result here: nobody will read it, so the
         # fleet stops working on it (as OpenAI's own endpoint does).
@@ -332,14 +389,14 @@ async def _run(
             f"no result within {svc.settings.openai_wait:.0f}s; the job goes on: "
             f"GET /api/v1/status/{final.task_id}",
             "timeout",
-            headers=headers,
+            headers={**headers, **NO_RETRY},
         )
     raise ApiError(
         400,
         f"transcription failed (job {final.task_id}): {final.error or final.status}",
         "processing_failed",
         param="file",
-        headers=headers,
+        headers={**headers, **NO_RETRY},
     )
 
 
@@ -357,7 +414,7 @@ _PROMPT = Form(default=None, max_length=2000)
 
 
 @router.post(
-    "/transcriptions",
+    "/audio/transcriptions",
     response_model=Transcription | TranscriptionVerbose,
     responses=ANSWERS,
     summary="Transcribe audio (OpenAI-compatible)",
@@ -398,7 +455,7 @@ async def transcriptions(
 
 
 @router.post(
-    "/translations",
+    "/audio/translations",
     response_model=Transcription | TranscriptionVerbose,
     responses=ANSWERS,
     summary="Translate audio into English text (OpenAI-compatible)",
@@ -432,3 +489,49 @@ async def translations(
         request=request,
         key=key,
     )
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+class Model(BaseModel):
+    """OpenAI's model object."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default=0, description="not tracked: 0")
+    owned_by: str = "morag"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def served_models(svc: Services) -> list[Model]:
+    """What ``model`` accepts: OpenAI's name and MORAG_WHISPER_MODEL's, one model."""
+    names = dict.fromkeys([DEFAULT_MODEL, svc.settings.whisper_model])
+    return [Model(id=name) for name in names]
+
+
+@router.get(
+    "/models",
+    response_model=ModelList,
+    responses={s: OPENAI_ERRORS[s] for s in (401, 503)},
+    summary="The served transcription model (OpenAI-compatible)",
+)
+async def list_models(svc: Services = Depends(services)) -> ModelList:
+    return ModelList(data=served_models(svc))
+
+
+@router.get(
+    "/models/{model:path}",
+    response_model=Model,
+    responses={s: OPENAI_ERRORS[s] for s in (401, 404, 422, 503)},
+    summary="One served model (OpenAI-compatible)",
+)
+async def retrieve_model(model: str, svc: Services = Depends(services)) -> Model:
+    for served in served_models(svc):
+        if served.id == model:
+            return served
+    raise ApiError(404, f"model {model!r} is not served here", "model_not_found", param="model")

@@ -1,7 +1,9 @@
 """``/api/v1/search``: similarity search over stored chunks, and deleting a source's chunks.
 
 Both run on the server's ``morag-store`` worker (it owns the embedding model and the vector
-store); the API sends the request there and waits for the answer on a Redis list.
+store); the API sends the request there and waits for the answer on a Redis list. With no
+live ``morag-store`` worker (no heartbeat) the answer is a 503 at once, not after
+MORAG_SEARCH_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from morag.api.errors import ApiError
 from morag.api.schemas import Deleted, SearchAnswer, SearchRequest, errors
 from morag.celery_app import celery_app
 from morag.config import STORE_QUEUE
+from morag.fleet import read_fleet
 from morag.jobs import new_id
 from morag.submission import Services
 
@@ -27,7 +30,24 @@ router = APIRouter(
 )
 
 
+def _store_worker_alive(svc: Services) -> bool:
+    if svc.fleet.get().snapshot.consumers_of(STORE_QUEUE):
+        return True
+    # The cached view may predate a worker that just started: read the heartbeats afresh
+    # before refusing.
+    return bool(read_fleet(svc.redis).snapshot.consumers_of(STORE_QUEUE))
+
+
 def _ask_store(svc: Services, op: str, params: dict[str, Any]) -> dict[str, Any]:
+    if not _store_worker_alive(svc):
+        # Heartbeats are the liveness the API knows: nobody would take the request, and
+        # waiting MORAG_SEARCH_TIMEOUT would only delay the 503.
+        raise ApiError(
+            503,
+            f"no live {STORE_QUEUE} worker: search and deletion run there "
+            f"(start `morag worker --queue {STORE_QUEUE}` on the server)",
+            "store_unavailable",
+        )
     request_id = new_id()
     key = f"morag:reply:{request_id}"
     # The operation goes through a key workers cannot write; the message names only its id
