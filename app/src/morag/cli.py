@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -500,30 +501,69 @@ def workers(
     if as_json:
         print(json.dumps(beats))
         return
-    table = Table("name", "queues", "device", "gpus", "busy", "processors", "updated")
-    table.columns[0].no_wrap = True
-    reasons: list[str] = []
-    for b in beats:
-        gpus = ", ".join(f"{g['index']}:{g['name']}" for g in b.get("gpus", []))
-        device = b.get("device", "?")
-        if device != "cuda" and b.get("device_reason"):
-            reasons.append(f"{b['name']}: {device} because {b['device_reason']}")
-        elif device == "cuda" and not (b.get("cuda_check") or {}).get("passed"):
-            reasons.append(f"{b['name']}: cuda without a passed CUDA check (an older worker?)")
-        table.add_row(
-            b["name"],
-            ",".join(b.get("consuming", b.get("queues", []))),
-            device,
-            gpus or "-",
-            "yes" if b.get("busy") else "no",
-            ",".join(b.get("processors", [])),
-            str(b.get("updated_at", ""))[11:19],  # HH:MM:SS (UTC); --json has the full stamp
-        )
+    table, reasons = workers_table(beats)
     console.print(table)
     for line in reasons:  # why a worker is not on a GPU, whole (too long for a column)
         console.print(line, markup=False, style="dim")
     if not beats:
         err.print("no live workers")
+
+
+def workers_table(beats: list[dict[str, Any]]) -> tuple[Table, list[str]]:
+    """The table of `morag workers` and, below it, why workers are not on their GPU.
+
+    Names and queues are never cut (an 80-column terminal used to show `gpu-ta…`): they get
+    their full width; a worker that offers every processor says `all`, and GPU names drop
+    the vendor, so the rest fits beside them (--json has everything)."""
+    from morag.processors.registry import SPECS
+
+    rows: list[tuple[str, ...]] = []
+    reasons: list[str] = []
+    for b in beats:
+        gpus = ", ".join(
+            f"{g['index']}:{str(g['name']).removeprefix('NVIDIA ')}" for g in b.get("gpus", [])
+        )
+        device = b.get("device", "?")
+        if device != "cuda" and b.get("device_reason"):
+            reasons.append(f"{b['name']}: {device} because {b['device_reason']}")
+        elif device == "cuda" and not (b.get("cuda_check") or {}).get("passed"):
+            reasons.append(f"{b['name']}: cuda without a passed CUDA check (an older worker?)")
+        processors = b.get("processors", [])
+        rows.append(
+            (
+                b["name"],
+                ",".join(b.get("consuming", b.get("queues", []))),
+                device,
+                gpus or "-",
+                "yes" if b.get("busy") else "no",
+                "all" if set(processors) >= set(SPECS) else ", ".join(processors) or "-",
+                str(b.get("updated_at", ""))[11:19],  # HH:MM:SS (UTC); --json has the full stamp
+            )
+        )
+    # No vertical rules: more of an 80-column terminal for the data.
+    table = Table(
+        "name",
+        "queues",
+        "device",
+        "gpus",
+        "busy",
+        "processors",
+        "updated",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+    )
+    for index, column in enumerate(table.columns):
+        if index in (3, 5):  # GPUs and processors fold onto more lines when space is short
+            column.overflow = "fold"
+            column.ratio = 1
+        else:  # the others whole, at their longest
+            column.no_wrap = True
+            column.min_width = max([len(r[index]) for r in rows] + [len(str(column.header))])
+    table.columns[5].min_width = 3  # `all`
+    for row in rows:
+        table.add_row(*row)
+    return table, reasons
 
 
 def _all_workers(client: httpx.Client) -> list[dict[str, Any]]:
