@@ -184,6 +184,24 @@ def test_the_controller_runs_the_file_as_a_script_without_the_app(tmp_path: Path
     assert "is not a directory" in bad.stderr
 
 
+def test_hub_staging_without_huggingface_hub_says_what_the_controller_needs(
+    tmp_path: Path,
+) -> None:
+    """The example inventory stages from the Hub through the controller's Python: a
+    controller with only `pip install ansible` gets told what to install (README, "Real
+    hosts", names huggingface_hub; issue 22 item 5)."""
+    hide = "import sys, runpy; sys.modules['huggingface_hub'] = None; "
+    hide += f"sys.argv = {[str(MODELS_PY), 'stage', '--name', 'small', '--source', 'hub']!r}"
+    hide += (
+        f" + ['--cache-dir', {str(tmp_path)!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", hide], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "needs huggingface_hub in the controller's Python" in done.stderr, done.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install ansible huggingface_hub" in readme
+
+
 # -- start-time check and what a worker advertises --------------------------------------
 def test_check_accepts_a_staged_directory(staged: Path) -> None:
     assert models.check_whisper_model(str(staged)).ok
