@@ -76,6 +76,7 @@ prepare: venv docker
 
 bench: venv
 	$(PY) tests/bench/submit_latency.py
+	$(PY) tests/bench/failover.py
 
 # dockerd: started by systemd where it runs, otherwise in the background (CI, containers).
 docker: deps

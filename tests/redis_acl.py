@@ -42,20 +42,26 @@ class AclUser:
         ]
 
 
+# The users that run workers, and so hold a liveness channel (redis_acl_liveness_channels).
+LIVENESS_ROLES = ("worker", "store")
+
+
 def role_users() -> dict[str, AclUser]:
     """As roles/redis/vars/main.yml (_redis_acl_app_users) builds them: a role with selectors
-    (the workers) gets Celery's keys only through them."""
+    (the workers) gets Celery's keys only through them; the roles that run workers get the
+    liveness channels."""
     d = yaml.safe_load(DEFAULTS.read_text())
     users = {}
     for role in ROLES:
         selectors = tuple(d.get(f"redis_acl_{role}_selectors", []))
         celery_keys = [] if selectors else d["redis_acl_celery_keys"]
+        liveness = d["redis_acl_liveness_channels"] if role in LIVENESS_ROLES else []
         users[role] = AclUser(
             role=role,
             name=d[f"redis_acl_{role}_user"],
             commands=tuple(d["redis_acl_common_commands"] + d[f"redis_acl_{role}_commands"]),
             keys=tuple(celery_keys + d[f"redis_acl_{role}_keys"]),
-            channels=tuple(d["redis_acl_channels"]),
+            channels=tuple(d["redis_acl_channels"] + liveness),
             selectors=selectors,
         )
     return users

@@ -7,6 +7,7 @@ from morag.routing import (
     ROUTE_CODES,
     FleetSnapshot,
     WorkerView,
+    connected,
     decide_rescue,
     decide_route,
     gpu_failure_route,
@@ -111,3 +112,33 @@ def test_rescue(rescuing, workers, absent_since, now, expected) -> None:
         )
         == expected
     )
+
+
+# Workers that advertise a liveness channel (morag.liveness).
+GPU_LIVE = WorkerView("gpu0@a", ("gpu-tasks",), ("audio",), device="cuda", liveness="ch:gpu0")
+CPU_LIVE = WorkerView("cpu0@s", ("celery",), ("audio",), liveness="ch:cpu0")
+
+
+def test_a_worker_whose_liveness_channel_lost_its_subscriber_is_dead() -> None:
+    """SIGKILL of the only GPU worker: its heartbeat still lives (TTL), but its channel has
+    no subscriber left, so gpu=true goes to the CPU queue and the rescue clock starts."""
+    workers = (GPU_LIVE, CPU_LIVE)
+    alive = connected(workers, {"ch:gpu0": 1, "ch:cpu0": 1})
+    assert alive == workers
+    assert route(True, FleetSnapshot(alive)).code == "gpu_worker"
+    after_kill = FleetSnapshot(connected(workers, {"ch:gpu0": 0, "ch:cpu0": 1}))
+    assert after_kill.workers == (CPU_LIVE,)
+    r = route(True, after_kill)
+    assert (r.queue, r.code) == ("celery", "no_gpu_worker")
+    rescue = {"rescuing": False, "fleet": after_kill, "now": 100.0, "grace": 10.0}
+    assert decide_rescue(**rescue, gpu_absent_since=95.0) == "none"
+    assert decide_rescue(**rescue, gpu_absent_since=90.0) == "start"
+
+
+def test_liveness_unknown_falls_back_to_the_heartbeat_ttl() -> None:
+    # A worker without a channel (older, MORAG_LIVENESS_CHANNEL=false) is judged by its
+    # heartbeat alone; so is everyone when Redis would not count subscribers (None).
+    old = WorkerView("gpu1@a", ("gpu-tasks",), ("audio",))
+    assert connected((old, GPU_LIVE), {"ch:gpu0": 0}) == (old,)
+    assert connected((old, GPU_LIVE), None) == (old, GPU_LIVE)
+    assert connected((GPU_LIVE,), {}) == ()  # a channel NUMSUB did not list: no subscriber

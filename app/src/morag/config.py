@@ -82,6 +82,12 @@ class Settings(BaseSettings):
 
     # Fleet, routing, rescue
     heartbeat_ttl: float = Field(default=15.0, gt=0.5)
+    # A worker process stays subscribed to its own Pub/Sub channel while it lives: when it
+    # dies its socket closes and Redis drops the subscription, so the API and the rescuing
+    # CPU workers, which count subscribers every liveness_interval seconds, notice within
+    # that instead of a heartbeat TTL (morag.liveness). false: the heartbeat TTL alone.
+    liveness_channel: bool = True
+    liveness_interval: float = Field(default=0.25, gt=0)
     rescue_grace: float = Field(default=60.0, ge=0)
     gpu_backlog_limit: int = Field(default=100, ge=1)
     fleet_cache_seconds: float = Field(default=1.0, ge=0)

@@ -2,11 +2,15 @@
 
 A heartbeat is a JSON value under ``morag:worker:<name>`` that expires after the TTL, so a
 worker killed with SIGKILL disappears within one TTL without anyone broadcasting a ping.
+Sooner still: a heartbeat names the worker's liveness channel (morag.liveness), and a worker
+whose channel has no subscriber left is dead whatever its heartbeat says (``PUBSUB NUMSUB``,
+one command for the whole fleet, checked every ``MORAG_LIVENESS_INTERVAL`` seconds).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +19,10 @@ from typing import Any
 import redis
 
 from morag.config import DECLARED_QUEUES, GPU_QUEUE
-from morag.routing import FleetSnapshot, WorkerView
+from morag.routing import FleetSnapshot, WorkerView, connected
+
+log = logging.getLogger("morag.fleet")
+_refusal_logged_until = [0.0]  # monotonic time before which a NUMSUB refusal is not logged again
 
 PREFIX = "morag:worker:"
 REGISTRY = "morag:workers"  # names ever seen; expired ones are pruned when read
@@ -40,6 +47,13 @@ def withdraw(client: redis.Redis, name: str) -> None:
 
 
 def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
+    """The heartbeats of the live workers: unexpired, and still connected."""
+    beats = _unexpired_heartbeats(client)
+    snap = FleetSnapshot(tuple(to_view(b) for b in beats))
+    return recheck(client, FleetState(snap, beats)).heartbeats
+
+
+def _unexpired_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
     names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(REGISTRY))
     if not names:
         return []
@@ -69,6 +83,7 @@ def to_view(hb: dict[str, Any]) -> WorkerView:
         processors=tuple(hb.get("processors", ())),
         device=hb.get("device", "cpu"),
         busy=bool(hb.get("busy")),
+        liveness=hb.get("liveness") or None,
     )
 
 
@@ -106,25 +121,68 @@ class FleetState:
 
 
 def read_fleet(client: redis.Redis) -> FleetState:
-    beats = read_heartbeats(client)
+    beats = _unexpired_heartbeats(client)
     snap = FleetSnapshot(tuple(to_view(b) for b in beats), queue_lengths(client))
-    return FleetState(snap, beats)
+    return recheck(client, FleetState(snap, beats))
+
+
+def subscribers(client: redis.Redis, channels: list[str]) -> dict[str, int] | None:
+    """PUBSUB NUMSUB of ``channels``; None when Redis refuses it (a Redis role from before
+    liveness channels): then the heartbeats' TTL alone decides."""
+    if not channels:
+        return {}
+    try:
+        counts = client.pubsub_numsub(*channels)
+    except redis.exceptions.NoPermissionError as exc:
+        # Asked a few times a second: say it once a minute, not at every call.
+        now = time.monotonic()
+        if now >= _refusal_logged_until[0]:
+            _refusal_logged_until[0] = now + 60
+            log.warning("PUBSUB NUMSUB refused (%s): dead workers are noticed by TTL only", exc)
+        return None
+    return {_text(name): int(count) for name, count in counts}
+
+
+def recheck(client: redis.Redis, state: FleetState) -> FleetState:
+    """``state`` without the workers whose process died since it was read (one command)."""
+    channels = sorted({w.liveness for w in state.snapshot.workers if w.liveness})
+    if not channels:
+        return state
+    alive = connected(state.snapshot.workers, subscribers(client, channels))
+    if len(alive) == len(state.snapshot.workers):
+        return state
+    names = {w.name for w in alive}
+    beats = [b for b in state.heartbeats if b.get("name") in names]
+    return FleetState(FleetSnapshot(alive, state.snapshot.queue_lengths), beats)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class CachedFleet:
-    """The API's view of the fleet, refreshed at most every ``max_age`` seconds."""
+    """The API's view of the fleet: heartbeats and queue lengths read at most every
+    ``max_age`` seconds, and the liveness channels of the workers in it counted at most every
+    ``liveness_interval`` seconds, so a killed worker leaves routing within that."""
 
-    def __init__(self, client: redis.Redis, max_age: float) -> None:
+    def __init__(
+        self, client: redis.Redis, max_age: float, liveness_interval: float | None = None
+    ) -> None:
         self.client = client
         self.max_age = max_age
+        self.liveness_interval = max_age if liveness_interval is None else liveness_interval
         self._lock = threading.Lock()
         self._state: FleetState | None = None
         self._at = 0.0
+        self._checked = 0.0
 
     def get(self) -> FleetState:
         with self._lock:
             now = time.monotonic()
             if self._state is None or now - self._at >= self.max_age:
                 self._state = read_fleet(self.client)
-                self._at = now
+                self._at = self._checked = now
+            elif now - self._checked >= self.liveness_interval:
+                self._state = recheck(self.client, self._state)
+                self._checked = now
             return self._state

@@ -6,6 +6,7 @@ No I/O here: callers pass a fleet snapshot and get a decision with a machine-rea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +23,24 @@ class WorkerView:
     processors: tuple[str, ...]
     device: str = "cpu"
     busy: bool = False
+    # The Pub/Sub channel its process stays subscribed to while it lives (morag.liveness);
+    # None: a worker that advertises none (older, or MORAG_LIVENESS_CHANNEL=false).
+    liveness: str | None = None
+
+
+def connected(
+    workers: tuple[WorkerView, ...], subscribers: Mapping[str, int] | None
+) -> tuple[WorkerView, ...]:
+    """The workers whose process still holds its Redis connection.
+
+    ``subscribers``: PUBSUB NUMSUB of the workers' liveness channels, or None when Redis
+    could not tell (then the heartbeats' TTL alone decides, as before liveness channels).
+    A channel with no subscriber means the process died: the kernel closed its socket and
+    Redis dropped the subscription, long before the heartbeat expires. A worker without a
+    channel is judged by its heartbeat alone."""
+    if subscribers is None:
+        return workers
+    return tuple(w for w in workers if w.liveness is None or subscribers.get(w.liveness, 0) > 0)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def build_services(settings: Settings) -> Services:
     client = redis.Redis.from_url(
         settings.redis_url.get_secret_value(), socket_timeout=5, health_check_interval=30
     )
-    fleet = CachedFleet(client, settings.fleet_cache_seconds)
+    fleet = CachedFleet(client, settings.fleet_cache_seconds, settings.liveness_interval)
     return Services(
         settings=settings,
         redis=client,

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from morag import __version__, execution, fleet, gpu_telemetry, webhooks
+from morag import __version__, execution, fleet, gpu_telemetry, liveness, webhooks
 from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
 from morag.job_record import JobRecord
@@ -52,6 +52,18 @@ class Supervisor:
         # Checked once: a worker whose Whisper model cannot load offers no audio/video/youtube.
         self.processors = list(advertised_types(settings.whisper_model))
         self.redis = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        # Held while this process lives; dies with it (morag.liveness).
+        self.liveness = (
+            liveness.Subscription(
+                settings.redis_url.get_secret_value(), self.hostname, settings.heartbeat_interval
+            )
+            if settings.liveness_channel
+            else None
+        )
+        # A CPU worker that may rescue gpu-tasks checks the GPU workers' liveness channels
+        # between heartbeats, so it notices a dead one within liveness_interval.
+        self.rescues = CPU_QUEUE in self.queues and GPU_QUEUE not in self.queues
+        self.state: fleet.FleetState | None = None
         self.store = job_store(self.redis, settings)
         self.started_at = _now()
         self.rescuing = False
@@ -62,14 +74,31 @@ class Supervisor:
 
     # -- the loop -----------------------------------------------------------------------
     def _loop(self) -> None:
+        next_tick = time.monotonic()
         while not self.stopped.is_set():
             try:
-                self.tick()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.settings.heartbeat_interval
+                    self.tick()
+                else:
+                    with contextlib.suppress(redis.RedisError):  # the tick says it, less often
+                        self.check_liveness()
             except redis.RedisError as exc:
                 log.warning("supervisor: Redis unavailable: %s", exc)
             except Exception:
                 log.exception("supervisor tick failed")
-            self.stopped.wait(self.settings.heartbeat_interval)
+            pause = max(0.0, next_tick - time.monotonic())
+            if self.rescues:
+                pause = min(pause, self.settings.liveness_interval)
+            self.stopped.wait(pause)
+
+    def check_liveness(self) -> None:
+        """Between heartbeats: drop the workers whose process died from the last fleet read
+        (one PUBSUB NUMSUB), and start rescuing gpu-tasks when that left none on it."""
+        if self.state is None or self.draining.is_set() or not self.rescues:
+            return
+        self.state = fleet.recheck(self.redis, self.state)
+        self._rescue(self.state)
 
     def tick(self) -> None:
         # Results kept through a Redis outage longer than MORAG_REDIS_RETRY_SECONDS hold
@@ -86,8 +115,8 @@ class Supervisor:
             fleet.withdraw(self.redis, self.hostname)
             return
         fleet.publish(self.redis, self.heartbeat(active), self.settings.heartbeat_ttl)
-        state = fleet.read_fleet(self.redis)
-        if CPU_QUEUE in self.queues and GPU_QUEUE not in self.queues:
+        state = self.state = fleet.read_fleet(self.redis)
+        if self.rescues:
             self._rescue(state)
         lock_ms = max(100, int(self.settings.heartbeat_interval * 900))
         if not self.redis.set(WATCHDOG_LOCK, self.hostname, nx=True, px=lock_ms):
@@ -115,6 +144,9 @@ class Supervisor:
             "cuda_check": check.heartbeat() if (check := self.device.cuda_check) else None,
             "gpu_telemetry": gpu_telemetry.sample(),  # NVML, never CUDA; [] without a GPU
             "processors": self.processors,
+            # Subscribed while this process lives: readers count it (morag.liveness). None
+            # until Redis confirmed it, or when refused: the TTL alone then.
+            "liveness": self.liveness.live_channel() if self.liveness else None,
             "busy": bool(active),
             "active": sorted(active),
             "concurrency": self.concurrency,
@@ -245,6 +277,8 @@ class Supervisor:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        if self.liveness is not None:
+            self.liveness.start()  # before the first heartbeat, which advertises it
         self.tick_safely()
         self.thread.start()
 
