@@ -125,8 +125,10 @@ class Settings(BaseSettings):
     api_keepalive_timeout: int = Field(default=5, ge=1)
     process_wait: float = Field(default=30.0, ge=0)
     # /v1/audio/*: OpenAI clients cannot poll a job id, so they wait this long for the text;
-    # `gpu` when the request leaves it out (jobs still fall back to CPU workers).
-    openai_wait: float = Field(default=600.0, gt=0)
+    # `gpu` when the request leaves it out (jobs still fall back to CPU workers). Below the
+    # openai SDK's own 600 s timeout: a client that gives up first retries, and the job of
+    # its dropped connection is cancelled, the work lost.
+    openai_wait: float = Field(default=540.0, gt=0)
     openai_gpu: bool = True
     job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
     # How long an Idempotency-Key is remembered: a retry within it returns the first job.
