@@ -267,3 +267,65 @@ def test_a_batch_refused_half_way_leaves_no_job(tmp_path: Path) -> None:
             again = c.post("/api/v1/ingest/batch", json=batch, headers={"Idempotency-Key": "b"})
         assert again.status_code == 202, again.text
         assert len(again.json()["task_ids"]) == 2
+
+
+def _process_file(c: httpx.Client, path: Path, key: str, **data: str) -> httpx.Response:
+    with path.open("rb") as f:
+        return c.post(
+            "/process/file",
+            files={"file": (path.name, f)},
+            data=data,
+            headers={"Idempotency-Key": key},
+        )
+
+
+def test_process_routes_answer_a_retry_with_the_same_job(make_stack, speech_wav: Path) -> None:
+    """/process/* with Idempotency-Key: a retry after the job ended gets that job's answer
+    (200 with its result), a retry of a job still queued (202) its id; nothing runs twice."""
+    stack = make_stack(process_wait=1)
+    stack.start_api()
+    stack.start_worker("cpu0@test", "celery")
+    with stack.client() as c:
+        first = _process_file(c, speech_wav, "proc-file-1", gpu="false")
+        assert first.status_code in (200, 202), first.text  # 202: it outlasted the wait
+        done = stack.wait_job(first.json()["task_id"], timeout=120)
+        assert done["status"] == "succeeded", done
+        again = _process_file(c, speech_wav, "proc-file-1", gpu="false")
+        assert again.status_code == 200, again.text
+        assert again.json()["task_id"] == first.json()["task_id"]
+        assert again.json()["result"] == done["result"]
+        assert "report" in again.json()["result"]["content"].lower()
+        # The retry's upload is not kept (the job's own went when it ended).
+        assert _uploads(stack) == []
+
+        # With no worker left, the job stays queued: both answers are 202 with its id.
+        stack.stop("cpu0@test")
+        body = {"url": PAGE, "gpu": False}
+        url_1 = c.post("/process/url", json=body, headers={"Idempotency-Key": "proc-url-1"})
+        url_2 = c.post("/process/url", json=body, headers={"Idempotency-Key": "proc-url-1"})
+        assert url_1.status_code == url_2.status_code == 202, url_2.text
+        assert url_2.json()["task_id"] == url_1.json()["task_id"]
+
+        # The same key with another request, or on another route: refused, nothing created.
+        changed = c.post(
+            "/process/url",
+            json={**body, "options": {"language": "de"}},
+            headers={"Idempotency-Key": "proc-url-1"},
+        )
+        assert changed.status_code == 422, changed.text
+        assert changed.json()["code"] == "idempotency_key_reused"
+        assert "Idempotency-Key" in changed.json()["detail"]
+        other_file = _process_file(c, speech_wav, "proc-file-1", gpu="true")
+        assert other_file.status_code == 422, other_file.text
+        assert other_file.json()["code"] == "idempotency_key_reused"
+        elsewhere = c.post(
+            "/api/v1/ingest/url", json=body, headers={"Idempotency-Key": "proc-url-1"}
+        )
+        assert elsewhere.status_code == 422, elsewhere.text
+        assert elsewhere.json()["code"] == "idempotency_key_reused"
+
+    assert _uploads(stack) == []  # nor the upload of the refused reuse of the key
+    records = stack.jobs_in_redis()
+    assert len(records) == 2, records
+    ran = next(r for r in records if r["task_id"] == first.json()["task_id"])
+    assert len(ran["attempts"]) == 1, ran["attempts"]

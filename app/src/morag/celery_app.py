@@ -9,7 +9,9 @@ it. Tasks are sent by name; `morag.tasks` and `morag.server_tasks` define them.
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -26,6 +28,11 @@ STORE_TASK = "morag.store_job"
 celery_app = Celery("morag", set_as_current=False)
 
 
+def _bare_rediss(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "rediss" and "ssl_" not in parts.query
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     url = settings.redis_url.get_secret_value()
     transport = {
@@ -36,6 +43,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": url,
+        # kombu's Redis transport and Celery's consumer, except that a malformed message
+        # pushed onto a queue is dropped with a log line instead of stopping the worker.
+        "broker_transport": "morag.broker:Transport",
+        "worker_consumer": "morag.broker:Consumer",
+        # kombu picks TLS by the URL scheme only for its own transport names: rediss:// with
+        # no ssl_* options verifies the server, as redis-py does for MoRAG's other clients.
+        **({"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED}} if _bare_rediss(url) else {}),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,  # results live in the job record, not a result backend

@@ -63,6 +63,14 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Jobs that ended, by final state and content type",
         ("state", "content_type"),
     ),
+    # Once per job (unlike morag_gpu_fallbacks, one per fallback decision: a job can have
+    # several), so "fell back / all" is a ratio of jobs and never exceeds 1.
+    "morag_gpu_jobs_finished": (
+        "gpu=true jobs that ended, by content type and whether their last route sent them "
+        "to a CPU (fell_back: no_gpu_worker, no_capable_gpu, backlog, gpu_failure, "
+        "worker_lost to celery, rescued)",
+        ("content_type", "fell_back"),
+    ),
     "morag_redeliveries": (
         "Deliveries that took over a job whose previous attempt lost its worker",
         ("content_type",),
@@ -77,6 +85,12 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("outcome",),
     ),
     "morag_webhooks_delivered": ("Webhook POSTs answered with a 2xx status", ()),
+    "morag_messages_dropped": (
+        "Messages a worker found on its queue and dropped: envelope (not a kombu message), "
+        "task_message (not a Celery protocol 2 task message); queue unacked: an entry of "
+        "kombu's in-flight hash; morag.broker",
+        ("reason", "queue"),
+    ),
 }
 
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -179,6 +193,13 @@ def attempt_ended(pipe: redis.client.Pipeline, record: JobRecord) -> None:
 
 def job_ended(pipe: redis.client.Pipeline, record: JobRecord) -> None:
     inc(pipe, "morag_jobs_finished", state=record.status.value, content_type=record.content_type)
+    if record.route.gpu_requested:
+        inc(
+            pipe,
+            "morag_gpu_jobs_finished",
+            content_type=record.content_type,
+            fell_back=_flag(is_gpu_fallback(record.route)),
+        )
 
 
 def redelivered(pipe: redis.client.Pipeline, record: JobRecord) -> None:
@@ -196,6 +217,13 @@ def webhook_outcome(client: redis.Redis, outcome: str) -> None:
         inc(pipe, "morag_webhooks_delivered")
     else:
         inc(pipe, "morag_webhook_failures", outcome=outcome)
+    pipe.execute()
+
+
+def message_dropped(client: redis.Redis, reason: str, queue: str) -> None:
+    """Count one malformed message a worker dropped from ``queue`` (morag.broker)."""
+    pipe = client.pipeline(transaction=False)
+    inc(pipe, "morag_messages_dropped", reason=reason, queue=queue)
     pipe.execute()
 
 
