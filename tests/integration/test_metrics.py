@@ -1,5 +1,6 @@
-"""GET /metrics of a real stack: the fleet's numbers after real jobs, the bearer token, and a
-real Prometheus scraping it with the alert rules and the dashboard's queries."""
+"""GET /metrics of a real stack: the fleet's numbers after real jobs, the API's own HTTP and
+process metrics, the bearer token, OpenMetrics and gzip, and a real Prometheus scraping it
+with the alert rules and the dashboard's queries."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,9 @@ import httpx
 import pytest
 import yaml
 from morag import fleet
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import running_stack
@@ -64,6 +69,10 @@ def test_a_gpu_job_and_a_gpu_failure_fallback_show_in_the_scrape(
     assert m.value("morag_route_decisions_total", queue="celery", code="gpu_failure") >= 1
     assert m.value("morag_gpu_fallbacks_total", code="gpu_failure", content_type="audio") >= 1
     assert m.value("morag_gpu_fallbacks_total", code="no_gpu_worker", content_type="audio") == 0
+    # Once per job at its end: the one that fell back, and the one that stayed on the GPU.
+    finished = "morag_gpu_jobs_finished_total"
+    assert m.value(finished, content_type="audio", fell_back="true") == 1
+    assert m.value(finished, content_type="audio", fell_back="false") == 1
     submitted = m.value(
         "morag_jobs_submitted_total", content_type="audio", queue="gpu-tasks", gpu_requested="true"
     )
@@ -193,6 +202,89 @@ def test_without_a_metrics_token_the_endpoint_is_off(make_stack) -> None:
     assert resp.status_code == 404 and "MORAG_METRICS_TOKEN" in resp.json()["detail"]
 
 
+def test_the_api_exports_its_own_http_metrics_by_route_template(
+    make_stack, speech_wav: Path
+) -> None:
+    # No worker: a /v1 transcription waits MORAG_OPENAI_WAIT for nothing, then answers 504.
+    wait = 4
+    stack = make_stack(openai_wait=wait)
+    stack.start_api()
+    task_id = "0123456789abcdef0123456789abcdef"
+    with stack.client() as c:
+        assert c.get("/api/v1/workers").status_code == 200
+        assert c.get(f"/api/v1/status/{task_id}").status_code == 404
+        assert c.get(f"/no/such/{task_id}").status_code == 404
+
+    answers: list[httpx.Response] = []
+
+    def transcribe() -> None:
+        with open(speech_wav, "rb") as f:
+            answers.append(
+                httpx.post(
+                    f"{stack.api_url}/v1/audio/transcriptions",
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                    files={"file": (speech_wav.name, f)},
+                    data={"model": "whisper-1"},
+                    timeout=60,
+                )
+            )
+
+    waiting = threading.Thread(target=transcribe)
+    waiting.start()
+    v1 = "/v1/audio/transcriptions"
+    wait_until(
+        lambda: stack.scrape().value("morag_http_requests_inprogress", handler=v1) == 1,
+        wait * 5,
+        "the waiting transcription in the in-flight gauge",
+    )
+    waiting.join(60)
+    assert answers and answers[0].status_code == 504, answers
+
+    m = stack.scrape()
+    requests = "morag_http_requests_total"
+    assert m.value(requests, handler="/api/v1/workers", method="GET", status="200") == 1
+    assert m.value(requests, handler="/api/v1/status/{task_id}", method="GET", status="404") == 1
+    assert m.value(requests, handler=v1, method="POST", status="504") == 1
+    assert m.value(requests, handler="none", status="404") == 1  # the unknown path
+    assert task_id not in m.text, "a raw path (an id) became a label value"
+    # Latency per route template: the 504 took the whole wait.
+    latency = "morag_http_request_duration_seconds"
+    assert m.value(f"{latency}_count", handler=v1, method="POST") == 1
+    assert m.value(f"{latency}_sum", handler=v1) >= wait
+    assert m.value(f"{latency}_bucket", handler=v1, le="1.0") == 0
+    assert m.value(f"{latency}_bucket", handler="/api/v1/workers", le="+Inf") == 1
+    # In flight now: the scrape itself, and the transcription no more.
+    assert m.value("morag_http_requests_inprogress", handler=v1) == 0
+    assert m.value("morag_http_requests_inprogress", handler="/metrics") == 1
+    # The process.
+    assert m.value("process_resident_memory_bytes") > 0
+    assert m.value("process_cpu_seconds_total") > 0
+    assert m.value("process_open_fds") > 0
+    assert m.value("python_info") == 1
+    assert m.value("morag_build_info") == 1  # the fleet's numbers still come with them
+
+
+def test_openmetrics_and_gzip_when_the_scraper_asks(stack: Stack) -> None:
+    url = f"{stack.api_url}/metrics"
+    auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    with httpx.Client(timeout=30) as client:
+        resp = client.get(
+            url,
+            headers={**auth, "Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/openmetrics-text")
+    assert resp.headers["content-encoding"] == "gzip"  # httpx asks for it, and unpacks it
+    assert resp.text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(resp.text)}
+    assert families["morag_http_requests"].type == "counter"
+    assert families["morag_jobs_submitted"].type == "counter"
+    assert families["morag_workers"].type == "gauge"
+    plain = httpx.get(url, headers={**auth, "Accept-Encoding": "identity"}, timeout=30)
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert "content-encoding" not in plain.headers and "# EOF" not in plain.text
+
+
 def _dashboard_queries() -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     return [
@@ -303,10 +395,25 @@ def test_prometheus_scrapes_the_fleet_with_the_bearer_token(prometheus: str) -> 
     assert all(r["health"] == "ok" for r in loaded.values()), loaded
 
 
-def test_every_dashboard_query_runs_in_prometheus(prometheus: str) -> None:
+def test_every_dashboard_query_runs_in_prometheus(prometheus: str, stack: Stack) -> None:
     wait_until(lambda: _query(prometheus, 'up{job="morag"} == 1')["result"], 30, "a first scrape")
-    for title, expr in _dashboard_queries():
-        for name, value in GRAFANA_VARIABLES.items():
-            expr = expr.replace(name, value)
-        _query(prometheus, expr)  # a PromQL error fails here, naming the query
-        assert title
+    # The dashboard's job and instance variables, as Grafana fills them in for this target.
+    variables = {
+        **GRAFANA_VARIABLES,
+        "$job": "morag",
+        "$instance": f"127.0.0.1:{stack.api_port}",
+    }
+
+    def answered() -> set[str]:
+        """The panels whose queries return data (a PromQL error fails, naming the query)."""
+        titles = set()
+        for title, expr in _dashboard_queries():
+            for name, value in variables.items():
+                expr = expr.replace(name, value)
+            if _query(prometheus, expr)["result"]:
+                titles.add(title)
+        return titles
+
+    # The API row reads the API's own traffic: Prometheus' scrapes are requests too.
+    api_row = {"API requests per second by route", "API requests in flight"}
+    wait_until(lambda: api_row <= answered(), 30, f"data in the panels {api_row}", interval=1)

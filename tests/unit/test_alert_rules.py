@@ -80,6 +80,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "MoragJobsStuck",
         "MoragNoStoreWorker",
         "MoragGpuFallbackRateHigh",
+        "MoragApiErrorRateHigh",
     }
     assert names == expected
 
@@ -88,8 +89,10 @@ def test_every_alert_is_explained_in_the_docs() -> None:
     doc = MONITORING_DOC.read_text()
     for rule in alerts():
         name = rule["alert"]
-        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
-        assert rule["annotations"]["runbook"] == f"docs/monitoring.md#{name.lower()}"
+        # runbook_url: the name Alertmanager templates and Grafana's alerting link from.
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), name
+        assert "runbook" not in rule["annotations"], f"{name}: `runbook` is now `runbook_url`"
+        assert rule["annotations"]["runbook_url"] == f"docs/monitoring.md#{name.lower()}"
         assert re.search(rf"^### {name}$", doc, re.MULTILINE), f"docs/monitoring.md: {name}"
         assert rule["labels"]["severity"] in ("warning", "critical")
 
@@ -120,3 +123,43 @@ def test_dashboard_structure() -> None:
             assert target["datasource"]["uid"] == "${datasource}"
             assert "morag_" in target["expr"], f"{panel['title']}: {target['expr']}"
     assert len(dashboard_queries()) >= 20
+
+
+# A metric name and the label matchers that follow it, if any (not a function like rate).
+SELECTOR = re.compile(r"\b((?:morag|process|python)_[a-z0-9_]+)\b(\{[^}]*\})?(?!\s*\()")
+
+
+def test_dashboard_keeps_fleets_apart_with_job_and_instance_variables() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    for name in ("job", "instance"):
+        var = variables[name]
+        assert var["type"] == "query" and var["datasource"]["uid"] == "${datasource}"
+        assert not var.get("multi") and not var.get("includeAll"), (
+            f"{name}: one at a time, or two fleets' numbers add up"
+        )
+    assert "$job" in variables["instance"]["query"]["query"]
+    for title, expr in dashboard_queries():
+        selectors = SELECTOR.findall(expr)
+        assert selectors, f"{title}: no metric in {expr}"
+        for metric, matchers in selectors:
+            assert 'job="$job"' in matchers and 'instance="$instance"' in matchers, (
+                f"{title}: {metric} is not filtered by $job and $instance: {expr}"
+            )
+
+
+def test_dashboard_has_an_api_row() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    titles = [p["title"] for p in board["panels"]]
+    assert "API" in titles
+    row = titles.index("API")
+    api = board["panels"][row + 1 : row + 6]
+    queries = " ".join(t["expr"] for p in api for t in p["targets"])
+    for needed in (
+        "morag_http_requests_total",  # request rate, 5xx rate
+        "morag_http_request_duration_seconds_bucket",  # p95 latency
+        "morag_http_requests_inprogress",  # in flight
+        'status=~"5.."',
+    ):
+        assert needed in queries, needed
+    assert "histogram_quantile(0.95" in queries

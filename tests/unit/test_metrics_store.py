@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from morag import jobs, metrics, metrics_export
 from morag.config import Settings
-from morag.job_record import Route, Source
+from morag.job_record import JobStatus, Route, Source
 from morag.routing import FleetSnapshot
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +99,52 @@ def test_route_decisions_and_what_counts_as_a_fallback() -> None:
     # Known series start at 0 (every fallback code, for audio and web).
     assert len(fallbacks) == 6 and m.value("morag_gpu_fallbacks_total", content_type="web") == 0
     assert m.value("morag_webhook_failures_total", outcome="gave_up") == 0
+
+
+def test_a_job_with_several_fallbacks_is_one_job_that_fell_back() -> None:
+    """morag_gpu_fallbacks counts decisions (several per job); morag_gpu_jobs_finished
+    counts each gpu=true job once, at its end, so the alert's ratio of jobs stays <= 1."""
+    r = FakeRedis()
+    pipe = r.pipeline()
+
+    def route(queue: str, code: str, gpu: bool = True) -> Route:
+        return Route(queue=queue, gpu_requested=gpu, code=code, reason="test")
+
+    def gpu_job(task_id: str, first: Route) -> Any:
+        return jobs.new_record(
+            kind="process",
+            content_type="audio",
+            source=Source.link("https://example.org/a.mp3"),
+            options={},
+            route=first,
+            task_id=task_id,
+        )
+
+    # Sent to a CPU (no GPU worker), its CPU worker lost, rescued by another: 3 fallbacks.
+    rescued = gpu_job("a" * 32, route("celery", "no_gpu_worker"))
+    metrics.job_created(pipe, rescued)
+    for later in (route("celery", "worker_lost"), route("gpu-tasks", "rescued")):
+        metrics.route_decided(pipe, later, "audio")
+        rescued.route = later
+    rescued.status = JobStatus.succeeded
+    metrics.job_ended(pipe, rescued)
+    # Ran on a GPU; and a gpu=false job, which is no GPU job at all.
+    on_gpu = gpu_job("b" * 32, route("gpu-tasks", "gpu_worker"))
+    metrics.job_created(pipe, on_gpu)
+    on_gpu.status = JobStatus.succeeded
+    metrics.job_ended(pipe, on_gpu)
+    cpu = gpu_job("c" * 32, route("celery", "not_requested", gpu=False))
+    metrics.job_created(pipe, cpu)
+    cpu.status = JobStatus.failed
+    metrics.job_ended(pipe, cpu)
+    pipe.execute()
+
+    m = scrape(r)
+    assert m.value("morag_gpu_fallbacks_total", content_type="audio") == 3
+    finished = "morag_gpu_jobs_finished_total"
+    assert m.value(finished, content_type="audio", fell_back="true") == 1
+    assert m.value(finished, content_type="audio", fell_back="false") == 1
+    assert m.value(finished, content_type="web", fell_back="true") == 0  # starts at 0
 
 
 def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:

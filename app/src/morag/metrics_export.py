@@ -296,6 +296,8 @@ class FleetCollector(Collector):
                 yield "morag_gpu_fallbacks", (code, ct)
             for state in ENDED_STATES:
                 yield "morag_jobs_finished", (state, ct)
+            for fell_back in ("false", "true"):
+                yield "morag_gpu_jobs_finished", (ct, fell_back)
             for queue, gpu in ((CPU_QUEUE, "false"), (CPU_QUEUE, "true"), (GPU_QUEUE, "true")):
                 yield "morag_jobs_submitted", (ct, queue, gpu)
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from morag import __version__
-from morag.api import errors
+from morag.api import errors, http_metrics
 from morag.api.guard import RequestGuard
 from morag.api.routers import (
     docs,
@@ -83,4 +83,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker_token=lambda: worker_token.get_secret_value() if worker_token else None,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    # Last, so outermost: the HTTP metrics see every answer, the guard's refusals included.
+    app.state.http_metrics = http_metrics.instrument(app)
     return app
