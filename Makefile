@@ -42,8 +42,8 @@ $(STAMP): app/pyproject.toml tests/requirements.txt
 venv: deps $(STAMP)
 
 lint: venv
-	$(RUFF) check app/src tests
-	$(RUFF) format --check app/src tests
+	$(RUFF) check app/src tests tools/fleet/src
+	$(RUFF) format --check app/src tests tools/fleet/src
 	$(MAKE) --no-print-directory ansible-lint syntax-check
 
 ansible-lint: venv
@@ -77,6 +77,7 @@ prepare: venv docker
 bench: venv
 	$(PY) tests/bench/submit_latency.py
 	$(PY) tests/bench/failover.py
+	$(PY) tests/bench/batched.py
 
 # dockerd: started by systemd where it runs, otherwise in the background (CI, containers).
 docker: deps

@@ -157,3 +157,64 @@ def http_server(directory: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+# Sentences for long recordings (batched transcription, its benchmark): several 30 s pieces.
+SENTENCES = (
+    DOCX_SENTENCE,
+    PPTX_SENTENCE,
+    PDF_SENTENCE,
+    WEB_SENTENCE,
+    VIDEO_SENTENCE,
+    *FILLER.strip().split(". "),
+    "The children built a small wooden boat and sailed it across the pond.",
+    "A thunderstorm knocked out the power for most of the afternoon.",
+    "The museum opens a new exhibition about ancient maps next week.",
+    "She planted tomatoes, peppers and beans in the garden behind the house.",
+)
+
+
+def long_speech(dest: Path, repeats: int = 1, pause: float = 0.8) -> Path:
+    """Real espeak-ng speech of SENTENCES (about 50 s per repeat), a pause after each,
+    as one 16 kHz mono WAV."""
+    parts = dest.parent / f"{dest.stem}-parts"
+    parts.mkdir(exist_ok=True)
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "anullsrc=r=22050:cl=mono",
+        "-t",
+        str(pause),
+        str(parts / "p.wav"),
+    )
+    lines = []
+    for i, sentence in enumerate(SENTENCES):
+        speak(sentence.rstrip(".") + ".", parts / f"s{i}.wav")
+        lines += [f"file 's{i}.wav'", "file 'p.wav'"]
+    (parts / "list.txt").write_text("\n".join(lines * repeats) + "\n")
+    _ffmpeg(
+        "-f",
+        "concat",
+        "-safe",
+        "0",
+        "-i",
+        str(parts / "list.txt"),
+        "-ar",
+        "16000",
+        str(dest),
+    )
+    return dest
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over the reference's length (texts already normalised)."""
+    ref, hyp = reference.split(), hypothesis.split()
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, 1):
+        current = [i] + [0] * len(hyp)
+        for j, hyp_word in enumerate(hyp, 1):
+            substitution = previous[j - 1] + (ref_word != hyp_word)
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, substitution)
+        previous = current
+    return previous[-1] / max(len(ref), 1)

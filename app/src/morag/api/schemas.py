@@ -129,6 +129,13 @@ class JobOptions(Open):
         description="subtitles: at most this many lines per cue (a segment becomes several "
         "cues); needs max_line_width",
     )
+    batched: bool | None = Field(
+        default=None,
+        strict=True,  # a JSON boolean or null: not "yes", not 1
+        description="audio/video: faster-whisper's batched pipeline (cuts at silences with "
+        "VAD, decodes several 30 s pieces at once); unset: batched for audio of 30 s or more "
+        "on a GPU, 120 s or more on a CPU (metadata.batched, metadata.batch_size say what ran)",
+    )
     prompt: str | None = Field(default=None, max_length=2000, description="initial prompt")
     temperature: float | None = Field(default=None, ge=0, le=1)
     beam_size: int = Field(default=1, ge=1, le=10)

@@ -6,7 +6,13 @@ Options (checked by the API against ``morag.api.schemas.JobOptions``): ``languag
 (faster-whisper's bundled Silero VAD skips silence), ``prompt``, ``temperature``,
 ``beam_size``, ``subtitles`` (``["srt", "vtt"]``: ``result.subtitles``) with
 ``max_line_width`` / ``max_line_count`` (line wrapping, ``morag.subtitles``) and
-``segment_details`` (token ids and decoding scores per segment, for OpenAI's verbose_json).
+``segment_details`` (token ids and decoding scores per segment, for OpenAI's verbose_json)
+and ``batched`` (faster-whisper's batched pipeline; unset: ``morag.batching`` decides).
+
+Batched decoding cuts the audio at silences with VAD (the pipeline needs that to cut it into
+independent 30 s pieces), so it always skips silence, whatever ``vad_filter`` says. Its
+pieces come back as one segment each; with words (``word_timestamps`` or ``subtitles``,
+which then get word timestamps too) they are cut again into sentence-like segments.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from morag import subtitles
+from morag import batching, gpu_telemetry, subtitles
 from morag.processors.base import ProcessContext, ProcessingError
 
 BUNDLED_MODEL = "tiny.en"
@@ -31,6 +37,42 @@ def resolve_model(name: str) -> str:
             return name
         return str(get_model_path())
     return name
+
+
+# Parameters of the standard Whisper checkpoints: the model's size when there is no local
+# model.bin to measure (fp16 weights, 2 bytes a parameter). Unknown: the largest, the safe side.
+# Checked in this order: the first name part found in the model's name wins.
+_PARAMETERS = {
+    "turbo": 809e6,
+    "distil-large": 756e6,
+    "tiny": 39e6,
+    "base": 74e6,
+    "small": 244e6,
+    "medium": 769e6,
+    "large": 1550e6,
+}
+
+
+def model_bytes(name: str) -> int:
+    """The size of the model's weights, for sizing a batch."""
+    weights = Path(resolve_model(name)) / "model.bin"
+    if weights.is_file():
+        return weights.stat().st_size
+    base = name.split("/")[-1].lower()
+    for part, params in _PARAMETERS.items():
+        if part in base:
+            return int(params * 2)
+    return int(_PARAMETERS["large"] * 2)
+
+
+def free_gpu_bytes() -> int | None:
+    """Free memory of this process's first visible GPU (CTranslate2's device 0), from NVML;
+    None when NVML cannot tell."""
+    for gpu in gpu_telemetry.sample()[:1]:
+        total, used = gpu.get("memory_total_bytes"), gpu.get("memory_used_bytes")
+        if total is not None and used is not None:
+            return max(int(total) - int(used), 0)
+    return None
 
 
 def compute_type_for(device: str, requested: str) -> str:
@@ -55,6 +97,14 @@ class AudioProcessor:
             )
         return self._models[key]
 
+    @staticmethod
+    def _pipeline(model: Any) -> Any:
+        # One per job: the wrapper holds no weights (the VAD model is cached by faster-whisper)
+        # but keeps the last word's time between calls, which must not leak into the next job.
+        from faster_whisper import BatchedInferencePipeline
+
+        return BatchedInferencePipeline(model)
+
     def process(self, path: Path, options: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
         settings = ctx.settings
         compute_type = compute_type_for(ctx.device, settings.whisper_compute_type)
@@ -62,20 +112,56 @@ class AudioProcessor:
             settings.whisper_model, ctx.device, compute_type, settings.whisper_cpu_threads
         )
         kwargs = transcribe_kwargs(options, multilingual=_is_multilingual(model))
+        formats = [f for f in options.get("subtitles") or [] if f in subtitles.FORMATS]
+        details = bool(options.get("segment_details"))
         try:
-            segments_iter, info = model.transcribe(str(path), **kwargs)
-            duration = float(info.duration or 0.0)
+            from faster_whisper import decode_audio
+
+            # Decoded once here: the duration decides batching, and both pipelines take it.
+            rate = model.feature_extractor.sampling_rate
+            audio = decode_audio(str(path), sampling_rate=rate)
+            duration = audio.shape[0] / rate
+            if duration <= 0:
+                raise ProcessingError("the audio holds no samples")
+            plan = batching.plan(
+                options.get("batched"),
+                ctx.device,
+                duration,
+                free_gpu_bytes() if ctx.device == "cuda" else None,
+                model_bytes(settings.whisper_model),
+            )
+            if plan.batched:
+                batched_kwargs = dict(kwargs, vad_filter=True, batch_size=plan.batch_size)
+                # Words cut the 30 s pieces into sentence-sized segments (and cues).
+                batched_kwargs["word_timestamps"] = kwargs["word_timestamps"] or bool(formats)
+                segments_iter, info = self._pipeline(model).transcribe(audio, **batched_kwargs)
+            else:
+                segments_iter, info = model.transcribe(audio, **kwargs)
             segments = []
             for seg in segments_iter:
-                segments.append(segment_dict(seg, details=bool(options.get("segment_details"))))
-                if duration > 0:
-                    ctx.report_progress(min(seg.end / duration, 0.99))
+                piece = segment_dict(seg, details=details)
+                if plan.batched:
+                    parts = batching.split_segment(piece)
+                    for number, part in enumerate(parts, start=len(segments) + 1):
+                        if details:
+                            part["id"] = number  # one id per segment, not per piece
+                        if details and len(parts) > 1:
+                            # A part's own text tokens, not the whole piece's.
+                            part["tokens"] = model.hf_tokenizer.encode(
+                                " " + part["text"], add_special_tokens=False
+                            ).ids
+                        if not kwargs["word_timestamps"]:
+                            part.pop("words", None)
+                    segments.extend(parts)
+                else:
+                    segments.append(piece)
+                ctx.report_progress(min(seg.end / duration, 0.99))
+        except ProcessingError:
+            raise
         except Exception as exc:  # PyAV raises its own error types for undecodable input
             if type(exc).__module__.startswith("av") or isinstance(exc, (ValueError, IndexError)):
                 raise ProcessingError(f"cannot decode audio: {exc}") from exc
             raise
-        if duration <= 0:
-            raise ProcessingError("the audio holds no samples")
         result: dict[str, Any] = {
             "content": " ".join(s["text"] for s in segments if s["text"]).strip(),
             "segments": segments,
@@ -87,9 +173,12 @@ class AudioProcessor:
                 "model": settings.whisper_model,
                 "device": ctx.device,
                 "compute_type": compute_type,
+                "batched": plan.batched,
+                "batch_size": plan.batch_size,
+                "batching_reason": plan.reason,
             },
         }
-        if kwargs["vad_filter"]:
+        if kwargs["vad_filter"] or plan.batched:
             result["metadata"]["speech_duration"] = round(float(info.duration_after_vad), 3)
         if not result["content"]:
             # Silence and a broken microphone both end here: say so, so that a client can
@@ -97,7 +186,6 @@ class AudioProcessor:
             result["warnings"] = [
                 f"no speech found in {duration:.1f} s of audio: the transcript is empty"
             ]
-        formats = [f for f in options.get("subtitles") or [] if f in subtitles.FORMATS]
         if formats:
             limits = {
                 name: int(options[name]) if options.get(name) is not None else None
