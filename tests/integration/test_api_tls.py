@@ -5,6 +5,7 @@ fails the job saying why when it trusts another CA; the CLI verifies the certifi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -79,7 +80,10 @@ def test_cli_verifies_the_api_certificate(tls_stack: Stack, tmp_path: Path) -> N
     other_ca, _, _ = ca_and_server_cert(tmp_path / "other-pki")
     refused = _cli(tls_stack, "workers", "--json", MORAG_API_CA_FILE=str(other_ca))
     assert refused.returncode == 1
-    assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    # --json: the error is one JSON object on stdout, where the command's answer goes.
+    error = json.loads(refused.stdout)
+    assert "CERTIFICATE_VERIFY_FAILED" in error["error"] and error["code"] == "unreachable"
     missing = _cli(tls_stack, "workers", "--json", MORAG_API_CA_FILE=str(tmp_path / "none"))
     assert missing.returncode == 2
-    assert "cannot load MORAG_API_CA_FILE" in missing.stderr
+    error = json.loads(missing.stdout)
+    assert "cannot load MORAG_API_CA_FILE" in error["error"] and error["code"] == "ca_file"
