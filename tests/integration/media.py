@@ -56,8 +56,9 @@ def speech_video(dest: Path, sentence: str = VIDEO_SENTENCE) -> Path:
 
 
 def silent_audio(dest: Path, seconds: int = 20) -> Path:
-    """Digital silence with a little noise floor: audio that decodes, with nothing said."""
-    _ffmpeg("-f", "lavfi", "-i", f"anoisesrc=d={seconds}:c=pink:a=0.0005:r=16000", str(dest))
+    """A quiet noise floor (seeded: the same every run): audio that decodes, nothing said."""
+    noise = f"anoisesrc=d={seconds}:c=pink:a=0.0005:r=16000:s=7"
+    _ffmpeg("-f", "lavfi", "-i", noise, str(dest))
     return dest
 
 

@@ -109,8 +109,11 @@ def test_audio_without_speech_succeeds_with_a_warning(
     stack: Stack, inputs: dict[str, Path]
 ) -> None:
     result = _ok(_file(stack, inputs["quiet"], False), False)
-    assert result["content"] == ""
-    assert result["warnings"] == ["no speech found in 20.0 s of audio: the transcript is empty"]
+    # Whisper may write a row of dots over noise: no word either way.
+    assert not any(ch.isalnum() for ch in result["content"]), result["content"]
+    assert result["warnings"] == [
+        "no speech found in 20.0 s of audio: the transcript holds no words"
+    ]
 
 
 def test_speech_has_no_warning(stack: Stack, inputs: dict[str, Path]) -> None:

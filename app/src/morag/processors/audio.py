@@ -180,11 +180,12 @@ class AudioProcessor:
         }
         if kwargs["vad_filter"] or plan.batched:
             result["metadata"]["speech_duration"] = round(float(info.duration_after_vad), 3)
-        if not result["content"]:
-            # Silence and a broken microphone both end here: say so, so that a client can
-            # tell "nothing was said" from a transcript it lost.
+        if not any(ch.isalnum() for ch in result["content"]):
+            # Silence and a broken microphone both end here (over noise Whisper may write a
+            # row of dots): say so, so that a client can tell "nothing was said" from a
+            # transcript it lost.
             result["warnings"] = [
-                f"no speech found in {duration:.1f} s of audio: the transcript is empty"
+                f"no speech found in {duration:.1f} s of audio: the transcript holds no words"
             ]
         if formats:
             limits = {
