@@ -141,18 +141,29 @@ def _ingest_through_every_worker(stack: Stack, tmp_path: Path) -> None:
         assert meta["stored"] is True and meta["stored_chunks"] > 0, meta
 
 
+def _queue_and_message(redis_server: RedisServer, name: str) -> tuple[str, dict[str, Any]]:
+    """The queue worker ``name`` consumes and a real message of the task it runs."""
+    queue = WORKERS[name]
+    task = "morag.vector_op" if queue == "morag-store" else PROCESS_TASK
+    return queue, _real_message(redis_server, task, queue)
+
+
+def _push_as_worker(stack: Stack, queue: str, items: list[bytes]) -> None:
+    """LPUSH as the morag-worker ACL user: what a GPU host's stolen password allows."""
+    assert stack.users is not None
+    attacker = redis.Redis.from_url(stack.users["worker"])
+    for item in items:
+        attacker.lpush(queue, item)
+
+
 @pytest.mark.parametrize("name", list(WORKERS))
 def test_garbage_on_a_queue_is_dropped_and_the_worker_goes_on(
     stack: Stack, redis_server: RedisServer, name: str
 ) -> None:
-    queue = WORKERS[name]
-    task = "morag.vector_op" if queue == "morag-store" else PROCESS_TASK
-    assert stack.users is not None
-    attacker = redis.Redis.from_url(stack.users["worker"])
-    poison = _poison(_real_message(redis_server, task, queue))
+    queue, real = _queue_and_message(redis_server, name)
+    poison = _poison(real)
     before = _drops(stack, name)
-    for item in poison:
-        attacker.lpush(queue, item)
+    _push_as_worker(stack, queue, poison)
     # Each one is answered by a line in the worker's log, and none is left in flight.
     wait_until(
         lambda: _drops(stack, name) >= before + len(poison) or not stack.alive(name),
@@ -170,12 +181,8 @@ def test_garbage_on_a_queue_is_dropped_and_the_worker_goes_on(
 def test_mutated_task_messages_do_not_stop_the_worker(
     stack: Stack, redis_server: RedisServer, name: str
 ) -> None:
-    queue = WORKERS[name]
-    task = "morag.vector_op" if queue == "morag-store" else PROCESS_TASK
-    assert stack.users is not None
-    attacker = redis.Redis.from_url(stack.users["worker"])
-    for item in _mutants(_real_message(redis_server, task, queue)):
-        attacker.lpush(queue, item)
+    queue, real = _queue_and_message(redis_server, name)
+    _push_as_worker(stack, queue, _mutants(real))
     wait_until(
         lambda: stack.redis.llen(queue) == 0 or not stack.alive(name),
         120,
