@@ -31,6 +31,7 @@ SCENARIOS = [
     "nfs_server",
     "nfs_client",
     "nvidia_driver",
+    "morag_monitoring",
     "cuda_runtime",
     "morag_app",
     "morag_api",
@@ -49,6 +50,9 @@ WEIGHT = {
     "morag_worker": 500,
     "morag_api": 410,
     "morag_app": 360,
+    # Measured here with one lane while other sessions' tests kept the load at 8-9 on 2 cores
+    # (the Prometheus package about 40 s of it; a fresh image spares its apt-get update).
+    "morag_monitoring": 270,
     "nvidia_driver": 190,
     "redis": 140,
     "firewall": 140,

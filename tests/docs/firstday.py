@@ -16,7 +16,9 @@ right before a fenced block):
 The only changes to what the docs say: the example's names and addresses become the
 containers' (NAMES below), each host gets tests/docs/container-overlay.yml (the container
 connection and what a container cannot do), and HOME is a fresh directory (the vault
-password file lands there). The molecule scenario `firstday` runs `run` then `down`.
+password file lands there). Once the fleet runs its jobs, a second `site.yml` through
+ansible-runner must change nothing (morag_fleet.idempotence). The molecule scenario
+`firstday` runs `run` then `down`.
 """
 
 from __future__ import annotations
@@ -353,6 +355,27 @@ def playbook(user: User, *args: str) -> subprocess.CompletedProcess:
     return out
 
 
+def idempotence(user: User) -> None:
+    """site.yml once more over the whole fleet, through ansible-runner
+    (morag_fleet.idempotence, the lab's check): fails naming each host that changed and its
+    changed tasks, read from the runner's stats and events. In the sysadmin's shell: the
+    copy's ansible.cfg and vault password, none of a molecule run's ANSIBLE_* settings."""
+    started = time.monotonic()
+    cmd = [sys.executable, "-m", "morag_fleet.idempotence", "-i", "inventory/mysite/hosts.yml"]
+    out = subprocess.run(
+        [*cmd, "site.yml"],
+        cwd=user.repo,
+        env=user.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    log(f"second site.yml in {time.monotonic() - started:.0f}s (rc={out.returncode})")
+    if out.returncode != 0:
+        raise SystemExit(f"{out.stdout}{out.stderr[-4000:]}")
+    log(out.stdout.strip())
+
+
 def installed(container: str, package: str) -> bool:
     out = docker("exec", container, "dpkg-query", "-W", "-f=${Status}", package, check=False)
     return out.returncode == 0 and "install ok installed" in out.stdout
@@ -386,7 +409,7 @@ def switch_nfs(user: User) -> None:
     log("back to Ganesha: nfs-kernel-server removed, nfs-ganesha active, no stray rpc-statd")
 
 
-def run(jobs: int, switch: bool, source: Path = ROOT) -> int:
+def run(jobs: int, switch: bool, source: Path = ROOT, idempotent: bool = True) -> int:
     steps = all_steps()
     if not WHEELHOUSE.is_dir():
         raise SystemExit(f"no wheelhouse in {WHEELHOUSE}: molecule/images/wheelhouse.sh")
@@ -409,6 +432,8 @@ def run(jobs: int, switch: bool, source: Path = ROOT) -> int:
             f"docs path done in {time.monotonic() - started:.0f}s "
             f"(first successful job after {first_job or 0:.0f}s; containers {started - t0:.0f}s)"
         )
+        if idempotent:
+            idempotence(user)
         if switch:
             t = time.monotonic()
             switch_nfs(user)
@@ -428,6 +453,11 @@ def main() -> int:
     parser.add_argument(
         "--no-switch", action="store_true", help="skip the NFS switch / server-failure checks"
     )
+    parser.add_argument(
+        "--no-idempotence",
+        action="store_true",
+        help="skip the second site.yml that must change nothing",
+    )
     args = parser.parse_args()
     if args.command == "steps":
         for step in all_steps():
@@ -436,7 +466,7 @@ def main() -> int:
     if args.command == "down":
         down()
         return 0
-    return run(args.jobs, not args.no_switch, args.source.resolve())
+    return run(args.jobs, not args.no_switch, args.source.resolve(), not args.no_idempotence)
 
 
 if __name__ == "__main__":

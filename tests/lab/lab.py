@@ -3,11 +3,15 @@
     python tests/lab/lab.py up        containers + site.yml + API key + one gpu=true job
     python tests/lab/lab.py create    only the containers (molecule's create step)
     python tests/lab/lab.py provision ansible-playbook site.yml -i inventory/lab
+    python tests/lab/lab.py idempotence [-l LIMIT] [--tags TAGS]
+                                      site.yml again through ansible-runner: fails naming
+                                      each host that changed and its changed tasks
     python tests/lab/lab.py demo      submit generated speech with gpu=true, print the outcome
     python tests/lab/lab.py failover  the end-to-end check (GPU workers stopped and started)
     python tests/lab/lab.py down      remove containers, network, volume, API key
 
-`make lab` / `make lab-down` run it; the molecule scenario `site` uses the same steps.
+`make lab` / `make lab-down` run it (`up` checks idempotence after site.yml); the molecule
+scenario `site` uses the same steps.
 Containers: morag-lab-server (Redis, Ganesha, API published on 127.0.0.1:8080, a CPU
 worker), morag-lab-gpu1/gpu2 (GPU workers, GPU code path on CPU), morag-lab-cpu1.
 """
@@ -148,6 +152,23 @@ def provision() -> None:
     key = (INVENTORY / ".secrets" / "api_key").read_text().split()[0]
     API_KEY_FILE.write_text(key + "\n")
     API_KEY_FILE.chmod(0o600)
+
+
+def idempotence(limit: str | None = None, tags: str | None = None) -> int:
+    """site.yml once more, through ansible-runner (morag_fleet.idempotence): ``changed`` per
+    host from the runner's stats, the changed tasks from its events; 0 when nothing changed."""
+    from morag_fleet.idempotence import second_run
+
+    check = second_run(
+        ROOT / "site.yml",
+        INVENTORY,
+        project_dir=ROOT,  # the repository's ansible.cfg, as provision() uses
+        limit=limit,
+        tags=tags,
+        env={"ANSIBLE_PIPELINING": "true"},
+    )
+    log(check.report())
+    return check.exit_code
 
 
 def client() -> httpx.Client:
@@ -315,14 +336,22 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "command", choices=["up", "create", "provision", "demo", "failover", "down", "workers"]
+        "command",
+        choices=["up", "create", "provision", "idempotence", "demo", "failover", "down", "workers"],
     )
-    cmd = parser.parse_args().command
+    parser.add_argument("-l", "--limit", help="idempotence: only these hosts")
+    parser.add_argument("--tags", help="idempotence: only these tags")
+    args = parser.parse_args()
+    cmd = args.command
+    if cmd == "idempotence":
+        return idempotence(args.limit, args.tags)
     if cmd == "up":
         t0 = time.monotonic()
         create()
         log(f"containers ready in {time.monotonic() - t0:.0f}s")
         provision()
+        if idempotence() != 0:
+            return 1
         wait_for(gpu_consumers, 120, "a GPU worker consuming gpu-tasks")
         log(f"bare containers -> GPU workers consuming gpu-tasks: {time.monotonic() - t0:.0f}s")
         return demo()

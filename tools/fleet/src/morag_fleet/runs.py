@@ -42,6 +42,7 @@ class HostSummary:
     current: str = ""  # the task it runs now
     failed_task: str | None = None  # the first task that failed (not ignored) and its message
     failed_msg: str | None = None
+    changed_tasks: list[str] = field(default_factory=list)  # in the order they ran
 
     @property
     def result(self) -> str:
@@ -99,7 +100,9 @@ class EventSummary:
         outcome = _RESULT_EVENTS[kind]
         if outcome == "ok":
             h.ok += 1
-            h.changed += bool(res.get("changed"))
+            if res.get("changed"):
+                h.changed += 1
+                h.changed_tasks.append(data.get("task") or self.task)
         elif outcome == "skipped":
             h.skipped += 1
         elif data.get("ignore_errors"):
@@ -156,11 +159,14 @@ def run_playbook(
     run_dir: Path,
     *,
     limit: str | None = None,
+    tags: str | None = None,
     extravars: dict[str, Any] | None = None,
     project_dir: Path = REPO,
+    env: dict[str, str] | None = None,
     on_event: Callable[[EventSummary, HostSummary | None, dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Run ``playbook`` against ``inventory`` with ansible-runner; artifacts in ``run_dir``."""
+    """Run ``playbook`` against ``inventory`` with ansible-runner; artifacts in ``run_dir``.
+    ``env``: further environment variables for ansible-playbook (over this process's)."""
     import ansible_runner
 
     summary = EventSummary()
@@ -179,6 +185,7 @@ def run_playbook(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         # ansible-runner turns host key checking off unless told: keep ansible.cfg's (on).
         "ANSIBLE_HOST_KEY_CHECKING": os.environ.get("ANSIBLE_HOST_KEY_CHECKING", "True"),
+        **(env or {}),
     }
     runner = ansible_runner.run(
         private_data_dir=str(run_dir),
@@ -188,6 +195,7 @@ def run_playbook(
         playbook=str(playbook),
         inventory=str(inventory),
         limit=limit,
+        tags=tags,
         extravars=extravars or None,
         envvars=env,
         event_handler=handler,
