@@ -8,51 +8,19 @@ morag-store worker delivers it and marks it delivered (morag.webhooks)."""
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from standardwebhooks import Webhook
 
 from tests.conftest import RedisServer
 from tests.integration.conftest import running_stack
+from tests.integration.receiver import Receiver
 from tests.integration.stack import Stack, wait_until
 
 SECRET = "outbox-webhook-secret"
 QUEUES = ("celery", "gpu-tasks", "morag-store")
-
-
-class Receiver:
-    """A webhook receiver on loopback: every POST it got, with its headers and body."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[dict[str, str], bytes]] = []
-        calls = self.calls
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def of(self, task_id: str) -> list[dict[str, Any]]:
-        """The verified payloads delivered for ``task_id``."""
-        return [
-            Webhook(SECRET.encode()).verify(body, headers)
-            for headers, body in list(self.calls)
-            if headers.get("webhook-id") == f"msg_{task_id}"
-        ]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +29,7 @@ def hooked(
 ) -> Iterator[tuple[Stack, Receiver]]:
     """API, a CPU worker, a store worker (webhook delivery) and a GPU-queue worker with a
     3 s time limit, each as its ACL user; ingested results are not stored."""
-    receiver = Receiver()
+    receiver = Receiver(SECRET)
     workers = {"cpu0@hooks": "celery", "store@hooks": "morag-store"}
     with running_stack(
         redis_server,
@@ -75,7 +43,7 @@ def hooked(
         try:
             yield stack, receiver
         finally:
-            receiver.server.shutdown()
+            receiver.close()
 
 
 def _settled(stack: Stack, task_id: str) -> bool:

@@ -81,6 +81,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "MoragNoStoreWorker",
         "MoragGpuFallbackRateHigh",
         "MoragApiErrorRateHigh",
+        "MoragMessagesDropped",
     }
     assert names == expected
 
