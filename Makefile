@@ -78,6 +78,8 @@ bench: venv
 	$(PY) tests/bench/submit_latency.py
 	$(PY) tests/bench/failover.py
 	$(PY) tests/bench/batched.py
+	$(PY) tests/bench/split.py
+	$(PY) tests/bench/overhead.py
 
 # dockerd: started by systemd where it runs, otherwise in the background (CI, containers).
 docker: deps

@@ -56,12 +56,14 @@ def role_users() -> dict[str, AclUser]:
         selectors = tuple(d.get(f"redis_acl_{role}_selectors", []))
         celery_keys = [] if selectors else d["redis_acl_celery_keys"]
         liveness = d["redis_acl_liveness_channels"] if role in LIVENESS_ROLES else []
+        # The worker user publishes job ends through a selector only.
+        ends = d["redis_acl_job_end_channels"] if role != "worker" else []
         users[role] = AclUser(
             role=role,
             name=d[f"redis_acl_{role}_user"],
             commands=tuple(d["redis_acl_common_commands"] + d[f"redis_acl_{role}_commands"]),
             keys=tuple(celery_keys + d[f"redis_acl_{role}_keys"]),
-            channels=tuple(d["redis_acl_channels"] + liveness),
+            channels=tuple(d["redis_acl_channels"] + liveness + ends),
             selectors=selectors,
         )
     return users

@@ -185,6 +185,11 @@ def test_key_patterns(acl_redis: AclRedis, role: str, key: str, allowed: bool) -
         ("LRANGE", "morag-store", "0", "-1"),
         ("PUBLISH", "/0.celery.pidbox", "{}"),
         ("PUBLISH", "/7.celery.pidbox", "{}"),
+        # Live events: append only, and only on morag:events:* (morag.live_events).
+        ("XADD", "morag:job:abc", "*", "type", "segment"),
+        ("DEL", "morag:events:abc"),
+        ("XTRIM", "morag:events:abc", "MAXLEN", "0"),
+        ("XREAD", "STREAMS", "morag:events:abc", "0"),
     ],
 )
 def test_a_worker_cannot_destroy_or_command(acl_redis: AclRedis, command: tuple[str, ...]) -> None:
@@ -205,13 +210,30 @@ def test_a_worker_cannot_destroy_or_command(acl_redis: AclRedis, command: tuple[
         ("DEL", "morag:lease:abc"),
         ("SET", "morag:job:abc", "{}"),  # a worker writes records (the job store's checks)
         ("PUBLISH", "/0.celeryev/worker.heartbeat", "{}"),  # MORAG_CELERY_EVENTS
+        ("XADD", "morag:events:abc", "MAXLEN", "~", "100", "*", "type", "segment"),
+        ("EXPIRE", "morag:events:abc", "60"),
     ],
 )
 def test_a_worker_can_still_do_its_work(acl_redis: AclRedis, command: tuple[str, ...]) -> None:
     try:
         acl_redis.client("worker").execute_command(*command)
     finally:  # a "msg" left on a queue would reach the real workers of a later test
-        acl_redis.client().delete("morag-store", "celery", "morag:lease:abc", "morag:job:abc")
+        acl_redis.client().delete(
+            "morag-store", "celery", "morag:lease:abc", "morag:job:abc", "morag:events:abc"
+        )
+
+
+def test_the_api_reads_live_events_and_writes_none(acl_redis: AclRedis) -> None:
+    """The API's user reads a job's live events (XREAD) for its SSE routes; only workers
+    append them."""
+    acl_redis.client("worker").xadd("morag:events:abc", {"type": "progress"})
+    try:
+        api = acl_redis.client("api")
+        assert api.xread({"morag:events:abc": "0"})
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            api.xadd("morag:events:abc", {"type": "segment"})
+    finally:
+        acl_redis.client().delete("morag:events:abc")
 
 
 def test_default_password_is_not_an_app_user(acl_redis: AclRedis) -> None:

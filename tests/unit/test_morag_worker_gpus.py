@@ -374,6 +374,7 @@ def render(item: dict, extra_env: dict | None = None) -> str:
         ansible_managed="Ansible managed",
         morag_worker_extra_env=extra_env or {},
         morag_worker_cuda_cache_dir="/var/lib/morag/cuda-cache",
+        morag_worker_split_min_seconds=300,
     )
 
 
@@ -389,6 +390,7 @@ def test_parse_env_reads_what_the_template_writes() -> None:
     assert parsed["device"] == "cuda"
     assert parsed["env"]["HF_HOME"] == extra["HF_HOME"]
     assert parsed["env"]["MORAG_LOG_LEVEL"] == "debug"
+    assert parsed["env"]["MORAG_SPLIT_MIN_SECONDS"] in (300, "300")
 
 
 @pytest.mark.parametrize(

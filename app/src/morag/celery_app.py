@@ -71,6 +71,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # skipped by the claim (the live lease holder keeps it).
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_max_tasks_per_child": settings.max_tasks_per_child,
+        # A pool process warms up (loads its model, morag.warmup) before it reports to the
+        # parent; Celery kills one that has not reported after this (4 s by default).
+        "worker_proc_alive_timeout": settings.warmup_timeout + 30 if settings.warmup else 4.0,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         # Task events for Flower / celery-exporter (MORAG_CELERY_EVENTS; off by default).

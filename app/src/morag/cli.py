@@ -383,6 +383,15 @@ def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> Job:
         disable=quiet,
     ) as progress:
         bar = progress.add_task(task_id, total=1.0)
+
+        def show(**fields: Any) -> None:
+            progress.update(bar, **fields)
+
+        ended = _follow_events(client, task_id, show)
+        if ended is not None:
+            return ended
+        # An API without the events route (404: older, or an unknown id, which the poll
+        # then reports), or a stream that broke off: poll.
         while True:
             job = Job.model_validate(
                 _request(client, "GET", f"/api/v1/status/{task_id}", params={"wait": 1})
@@ -391,6 +400,53 @@ def _follow(client: httpx.Client, task_id: str, *, quiet: bool) -> Job:
             if job.status.final:
                 return job
             time.sleep(0.2)
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) of each Server-Sent Event in ``lines`` (comments and ids skipped)."""
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+
+
+def _follow_events(client: httpx.Client, task_id: str, show: Callable[..., None]) -> Job | None:
+    """Follow the job on ``GET /api/v1/status/{id}/events`` (SSE) to its end; None when
+    that route is not there (404) or the stream ends without the job's end."""
+    status = "queued"
+    try:
+        # Reads wait long: the server sends a comment every MORAG_SSE_KEEPALIVE when idle.
+        timeout = httpx.Timeout(60.0, read=300.0)
+        with client.stream("GET", f"/api/v1/status/{task_id}/events", timeout=timeout) as resp:
+            if resp.status_code == 404:
+                return None
+            if resp.status_code >= 400:
+                resp.read()
+                _fail_on(resp)
+            for event, data in sse_events(resp.iter_lines()):
+                body = json.loads(data)
+                if event == "status":
+                    status = body["status"]
+                    show(description=f"{task_id} {status}")
+                elif event == "route" and body.get("device"):
+                    show(description=f"{task_id} {status} on {body['queue']} ({body['device']})")
+                elif event == "progress":
+                    show(completed=body["progress"])
+                elif event == "end":
+                    job = Job.model_validate(body)
+                    show(completed=job.progress, description=f"{task_id} {job.status}")
+                    return job
+                elif event == "error":
+                    return None
+    except (httpx.TransportError, ValueError, KeyError):
+        return None  # the poll after it says what is wrong, or finds the end
+    return None
 
 
 def _route_text(route: Route) -> str:

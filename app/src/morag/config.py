@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     whisper_model: str = "tiny.en"
     whisper_compute_type: str = "auto"
     whisper_cpu_threads: int = Field(default=0, ge=0)
+    # Each pool process loads its Whisper model and runs it once before the worker advertises
+    # itself (morag.warmup), so the first job pays no load time; the worker waits at most
+    # warmup_timeout seconds for it. false: the first job loads it.
+    warmup: bool = True
+    warmup_timeout: float = Field(default=300.0, gt=0)
+    # Audio at least this long (seconds) is cut at silences into pieces that idle workers of
+    # its queue transcribe in parallel (morag.splitting; options.split overrides it per
+    # job). 0: never split on this worker.
+    split_min_seconds: float = Field(default=300.0, ge=0)
     docling_artifacts_path: Path | None = None  # docling's layout models for PDFs
     ocr_languages: str = "eng"  # tesseract -l value
     web_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
@@ -124,6 +133,11 @@ class Settings(BaseSettings):
     api_backlog: int = Field(default=2048, ge=1)
     api_keepalive_timeout: int = Field(default=5, ge=1)
     process_wait: float = Field(default=30.0, ge=0)
+    # A request waiting for a job (/process/*, status long-poll, /v1/audio/*) is woken by the
+    # job's end announcement (morag.job_events); without one it reads the record again at
+    # the latest after this many seconds (a lost announcement, a Redis role without the
+    # job end channel).
+    job_wait_poll: float = Field(default=0.5, gt=0)
     # /v1/audio/*: OpenAI clients cannot poll a job id, so they wait this long for the text;
     # `gpu` when the request leaves it out (jobs still fall back to CPU workers). Below the
     # openai SDK's own 600 s timeout: a client that gives up first retries, and the job of
@@ -134,6 +148,13 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key is remembered: a retry within it returns the first job.
     # Capped at job_ttl (a key never outlives the job it names).
     idempotency_ttl: int = Field(default=24 * 3600, gt=0)
+    # Live events of a running job (segments, progress: morag.live_events), a capped Redis
+    # Stream per job: kept this long after its last event, at most this many entries.
+    live_events_ttl: int = Field(default=3600, gt=0)
+    live_events_max: int = Field(default=10_000, ge=100)
+    # An SSE stream sends a comment line this often when nothing happens (proxies close
+    # idle connections).
+    sse_keepalive: float = Field(default=15.0, gt=0)
 
     # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.
     fault_injection: bool = False

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import redis
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from morag import files, fleet, urls
+from morag import files, fleet, live_events, split_jobs, urls
 from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings
 from morag.job_record import TERMINAL, JobRecord, Result, Route
@@ -444,6 +444,14 @@ def _process(
 ) -> Result:
     task_id = record.task_id
     last = {"at": 0.0}
+    # This attempt's segments and progress, live (SSE readers); numbered as in `attempts`.
+    live = live_events.Publisher(
+        rt.redis,
+        task_id,
+        len(record.attempts),
+        ttl=rt.settings.live_events_ttl,
+        max_len=rt.settings.live_events_max,
+    )
 
     def progress(fraction: float) -> None:
         now = time.monotonic()
@@ -453,6 +461,7 @@ def _process(
                 rt.store.set_progress(task_id, owner, fraction)
             except redis.RedisError as exc:  # progress is a hint; the job goes on
                 log.warning("job %s: progress not recorded (%s)", task_id, exc)
+            live.progress(fraction)
 
     source = record.source
     content_type = record.content_type
@@ -477,7 +486,11 @@ def _process(
             deadline=rt.settings.tool_timeout,  # as for yt-dlp's downloads
         )
         transfer = "url"
-    ctx = ProcessContext(rt.settings, device, scratch, progress, source_url)
+    ctx = ProcessContext(
+        rt.settings, device, scratch, progress, source_url, report_segment=live.segment
+    )
+    # A long recording may be transcribed in pieces by idle workers (morag.split_jobs).
+    ctx.split = split_jobs.JobSplitter(rt, record, queue=queue, owner=owner)
     # A processor's output that is not a Result fails here, as the job's internal error.
     result = Result.model_validate(processor.process(path, record.options, ctx))
     result.metadata.setdefault("device", device)

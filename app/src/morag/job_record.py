@@ -188,6 +188,10 @@ class JobRecord(Job):
     # Workers that got the job's message but do not offer its content type (a broken model,
     # a missing extra): the message went back to the queue for another worker.
     declined_by: list[str] = Field(default_factory=list)
+    # A long recording split across workers (morag.split_jobs): a piece names its job, the
+    # job lists its current attempt's pieces (cancelled with it).
+    parent_id: str | None = None
+    pieces: list[str] = Field(default_factory=list)
 
     def public(self) -> Job:
         """What clients see (internal bookkeeping stays out). The fields were validated when

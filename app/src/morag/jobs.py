@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from morag import metrics
+from morag import job_events, metrics
 from morag.job_record import TERMINAL, Attempt, JobRecord, JobStatus, Result, Route, Source
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -322,8 +322,10 @@ class JobStore:
         """
         key, lkey = job_key(task_id), lease_key(task_id)
         outcome: dict[str, JobRecord | None] = {"record": None}
+        ended = [False]  # this change ended the job: announced once it is written
 
         def txn(pipe: redis.client.Pipeline) -> None:
+            ended[0] = False  # run again after a WATCH conflict
             raw = pipe.get(key)
             owner = pipe.get(lkey)
             if isinstance(owner, bytes):
@@ -341,6 +343,7 @@ class JobStore:
                 return
             new.updated_at = now_iso()
             pipe.set(key, new.to_json(), ex=self.ttl)
+            ended[0] = new.status in TERMINAL and not ended_before
             if new.status in TERMINAL:
                 pipe.srem(ACTIVE_SET, task_id)
                 if new.webhook_url and not ended_before:
@@ -357,6 +360,10 @@ class JobStore:
                 on_commit(pipe, new)
 
         self.r.transaction(txn, key, lkey)
+        if ended[0]:
+            # After the commit, outside it: a Redis role that refuses this PUBLISH must not
+            # abort the end's transaction (morag.job_events).
+            job_events.announce_end(self.r, task_id)
         return outcome["record"]
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -48,6 +48,13 @@ def decide_device(settings: Settings) -> DeviceInfo:
     return _device
 
 
+def use_device(info: DeviceInfo) -> None:
+    """Replace this process's device (a warm-up that fell back to CPU, morag.warmup): its
+    runtime is rebuilt, and processes forked later inherit it."""
+    global _device, _runtime
+    _device, _runtime = info, None
+
+
 def require_device(settings: Settings) -> DeviceInfo:
     """decide_device, or exit with EX_CONFIG (78) and the reason on stderr and in the log.
 

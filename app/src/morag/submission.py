@@ -19,6 +19,7 @@ from morag.celery_app import celery_app, dispatch
 from morag.config import Settings
 from morag.fleet import CachedFleet
 from morag.idempotency import Idempotency
+from morag.job_events import EndListener
 from morag.job_record import JobRecord, Source
 from morag.jobs import CANCELLED, JobStore, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
@@ -73,6 +74,8 @@ class Services:
     store: JobStore
     fleet: CachedFleet
     metrics: CollectorRegistry  # the fleet's metrics, read from Redis at each scrape
+    # Job-end announcements that wake waiting requests (started by the app's lifespan).
+    job_ends: EndListener | None = None
 
 
 def build_services(settings: Settings) -> Services:
@@ -368,6 +371,12 @@ def cancel(
     if record is None or record.status != CANCELLED:
         return None
     celery_app.control.revoke(task_id, terminate=True, signal="SIGTERM")
+    for piece_id in record.pieces:  # a long recording's pieces (morag.split_jobs) end with it
+        piece = services.store.cancel(piece_id, "its job was cancelled")
+        if piece is not None and piece.status == CANCELLED:
+            celery_app.control.revoke(piece_id, terminate=True, signal="SIGTERM")
+            if piece.upload_id:
+                files.remove_upload(services.settings.uploads_dir, piece.upload_id)
     if record.upload_id:
         files.remove_upload(services.settings.uploads_dir, record.upload_id)
     notify_end(services.redis, record, resend_after=services.settings.store_resend_after)

@@ -13,13 +13,14 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
 from celery.worker import state as worker_state
 
-from morag import __version__, execution, fleet, gpu_telemetry, liveness, webhooks
+from morag import __version__, execution, fleet, gpu_telemetry, liveness, runtime, warmup, webhooks
 from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
 from morag.job_record import JobRecord
@@ -66,6 +67,8 @@ class Supervisor:
         self.state: fleet.FleetState | None = None
         self.store = job_store(self.redis, settings)
         self.started_at = _now()
+        # The pool processes' last warm-up report (morag.warmup); "off" when it does not run.
+        self.warmup: dict[str, Any] = {"state": "pending" if warmup.enabled() else "off"}
         self.rescuing = False
         self.gpu_absent_since: float | None = None
         self.draining = threading.Event()
@@ -100,7 +103,17 @@ class Supervisor:
         self.state = fleet.recheck(self.redis, self.state)
         self._rescue(self.state)
 
+    def take_warmup_reports(self, timeout: float = 0.0, count: int = 0) -> None:
+        for report in warmup.reports(timeout, count):
+            self.warmup = report
+            if report.get("fallback") and self.device.device != "cpu":
+                # A pool process fell back to CPU (MORAG_DEVICE=auto): advertise it, and
+                # processes forked from now on start on CPU too.
+                self.device = replace(self.device, device="cpu", reason=report["fallback"])
+                runtime.use_device(self.device)
+
     def tick(self) -> None:
+        self.take_warmup_reports()
         # Results kept through a Redis outage longer than MORAG_REDIS_RETRY_SECONDS hold
         # their lease as running jobs do (no watchdog takes the job for lost), and are
         # recorded first thing once Redis takes writes again.
@@ -144,6 +157,8 @@ class Supervisor:
             "cuda_check": check.heartbeat() if (check := self.device.cuda_check) else None,
             "gpu_telemetry": gpu_telemetry.sample(),  # NVML, never CUDA; [] without a GPU
             "processors": self.processors,
+            # Model loaded before the first job: state warm, failed (with the error), off.
+            "warmup": self.warmup,
             # Subscribed while this process lives: readers count it (morag.liveness). None
             # until Redis confirmed it, or when refused: the TTL alone then.
             "liveness": self.liveness.live_channel() if self.liveness else None,
@@ -279,6 +294,12 @@ class Supervisor:
     def start(self) -> None:
         if self.liveness is not None:
             self.liveness.start()  # before the first heartbeat, which advertises it
+        if warmup.enabled():
+            # Before the first heartbeat, in Celery's worker_ready: the event loop (and with
+            # it the first BRPOP) waits too, so no job reaches a cold process.
+            started = time.monotonic()
+            self.take_warmup_reports(self.settings.warmup_timeout, self.concurrency)
+            log.info("warm-up: %s after %.1fs", self.warmup, time.monotonic() - started)
         self.tick_safely()
         self.thread.start()
 

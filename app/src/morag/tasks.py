@@ -11,6 +11,7 @@ import redis
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
+from morag import warmup
 from morag.celery_app import PROCESS_TASK, celery_app
 from morag.config import CPU_QUEUE, get_settings
 from morag.execution import run_job
@@ -33,11 +34,19 @@ def process_job(self: Any, task_id: str) -> None:
 
 
 @signals.worker_init.connect
-def _on_worker_init(**_: Any) -> None:
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Decide the device in the parent with nvidia-smi (never CUDA itself) before the fork;
     # `celery -A morag.worker:celery_app worker` with MORAG_DEVICE=cuda and no CUDA exits here.
     info = require_device(get_settings())
     log.info("device %s (%s)", info.device, info.reason)
+    # The pipe the pool processes report their warm-up on, opened before they fork.
+    queues = [q.name for q in sender.app.amqp.queues.consume_from.values()]
+    warmup.prepare(get_settings(), queues)
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    warmup.warm_child(get_settings())  # loads the model before the process takes a job
 
 
 @signals.worker_ready.connect

@@ -26,6 +26,7 @@ from morag.api.routers import (
     workers,
 )
 from morag.config import Settings, get_settings
+from morag.job_events import EndListener
 from morag.submission import build_services
 from morag.webhooks import UNSIGNED_NOTE, secret_of
 
@@ -49,11 +50,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = build_services(settings)
+        app.state.services = services = build_services(settings)
+        # Wakes the requests waiting for a job at its end (morag.job_events).
+        services.job_ends = EndListener(settings.redis_url.get_secret_value())
+        services.job_ends.start()
         if secret_of(settings) is None:
             log.warning(UNSIGNED_NOTE)
         yield
-        app.state.services.redis.close()
+        services.job_ends.stop()
+        services.redis.close()
 
     app = FastAPI(
         title="MoRAG",

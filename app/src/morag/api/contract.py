@@ -55,6 +55,26 @@ is `GET /openapi.json` (Swagger UI: `GET /docs`), both behind the API key.
   nothing. When the withdrawal cannot be confirmed the job stands, answered 202 (the
   outbox sends it). The one exception is code `submission_unknown`: Redis stopped
   answering mid-write, the job (ids in `detail`) may exist; retry with the same key.
+- **Live events** (Server-Sent Events, `text/event-stream`): the worker running a job
+  publishes each transcribed segment and its progress to Redis as it goes.
+  `GET /api/v1/status/{task_id}/events` streams `status` (`{"status"}`, on change), `route`
+  (`{"route", "attempt", "queue", "worker", "device"}`: the route or the running attempt
+  changed, e.g. a GPU->CPU fallback), `progress` (`{"progress"}`, never backwards),
+  `segment` (`{"attempt", "start", "end", "text"}`, audio and video), then `end` (the job,
+  as `GET /api/v1/status/{task_id}` answers it) and closes; `error` (`{"detail", "code"}`)
+  when the job expired or Redis failed. Segment and progress events carry an `id`: a client
+  that reconnects with `Last-Event-ID` gets what came after it; one that connects late
+  (even after the end) gets every event still kept (`MORAG_LIVE_EVENTS_TTL`,
+  `MORAG_LIVE_EVENTS_MAX`). `POST /v1/audio/transcriptions` with `stream=true` (json or
+  text) answers OpenAI's events: `data: {"type":"transcript.text.delta","delta":...}` per
+  segment, then `data: {"type":"transcript.text.done","text":...}` with the job's
+  transcript (the deltas joined are that text); a failed job ends with an `error` event
+  (`{"type":"error","error":{"message","type","code"}}`, which the SDKs raise). After a
+  GPU->CPU fallback mid-way the CPU attempt starts over: its segments within the time
+  already streamed are not sent again, so nothing repeats, and `done` carries the CPU
+  attempt's transcript, which is the one to keep. A client that disconnects cancels the
+  job; no news for `MORAG_OPENAI_WAIT` (no worker took it) ends the stream with a
+  `timeout` error while the job goes on.
 """
 
 

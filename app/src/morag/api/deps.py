@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -237,15 +238,29 @@ async def wait_for_end(
     *,
     stop: Callable[[], Awaitable[bool]] | None = None,
 ) -> JobRecord | None:
-    """Poll the job record until it ends, ``seconds`` pass or ``stop()`` says to give up
-    (the client went away); the record as last read (long-poll helper)."""
+    """Wait until the job ends, ``seconds`` pass or ``stop()`` says to give up (the client
+    went away); the record as last read (long-poll helper).
+
+    Woken by the end's announcement (morag.job_events) and then reads the record; without
+    one it reads the record again every MORAG_JOB_WAIT_POLL seconds at the latest (at first
+    sooner, with a back-off, while the announcements are not subscribed)."""
     deadline = time.monotonic() + seconds
-    delay = 0.05
-    while True:
-        record = await run_in_threadpool(svc.store.get, task_id)
-        if record is None or record.status in TERMINAL or time.monotonic() >= deadline:
-            return record
-        if stop is not None and await stop():
-            return record
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.5)
+    poll = svc.settings.job_wait_poll
+    delay = min(0.05, poll)
+    ends = svc.job_ends
+    with ends.watch(task_id) if ends is not None else contextlib.nullcontext() as waiter:
+        while True:
+            record = await run_in_threadpool(svc.store.get, task_id)
+            if record is None or record.status in TERMINAL or time.monotonic() >= deadline:
+                return record
+            if stop is not None and await stop():
+                return record
+            live = ends is not None and ends.live
+            pause = min(poll if live else delay, max(0.0, deadline - time.monotonic()))
+            if waiter is None:
+                await asyncio.sleep(pause)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), pause)
+                waiter.event.clear()
+            delay = min(delay * 1.5, poll)

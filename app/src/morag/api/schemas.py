@@ -136,6 +136,15 @@ class JobOptions(Open):
         "VAD, decodes several 30 s pieces at once); unset: batched for audio of 30 s or more "
         "on a GPU, 120 s or more on a CPU (metadata.batched, metadata.batch_size say what ran)",
     )
+    split: bool | None = Field(
+        default=None,
+        strict=True,  # a JSON boolean or null: not "yes", not 1
+        description="audio/video: cut a long recording at silences into pieces that idle "
+        "workers of its queue transcribe in parallel, merged into one transcript; unset: "
+        "from MORAG_SPLIT_MIN_SECONDS (default 300 s) when a worker is idle; false: always "
+        "whole; true: whatever its length, in pieces of at least 10 s (metadata.split says "
+        "what ran)",
+    )
     prompt: str | None = Field(default=None, max_length=2000, description="initial prompt")
     temperature: float | None = Field(default=None, ge=0, le=1)
     beam_size: int = Field(default=1, ge=1, le=10)

@@ -123,6 +123,12 @@ class AudioProcessor:
             duration = audio.shape[0] / rate
             if duration <= 0:
                 raise ProcessingError("the audio holds no samples")
+            split_reason = None
+            if ctx.split is not None:  # long: perhaps in pieces on idle workers
+                split = ctx.split(audio, rate, options, self.process, ctx)
+                if split.result is not None:
+                    return split.result
+                split_reason = split.reason
             plan = batching.plan(
                 options.get("batched"),
                 ctx.device,
@@ -139,6 +145,7 @@ class AudioProcessor:
                 segments_iter, info = model.transcribe(audio, **kwargs)
             segments = []
             for seg in segments_iter:
+                first_new = len(segments)
                 piece = segment_dict(seg, details=details)
                 if plan.batched:
                     parts = batching.split_segment(piece)
@@ -155,6 +162,8 @@ class AudioProcessor:
                     segments.extend(parts)
                 else:
                     segments.append(piece)
+                for done in segments[first_new:]:  # live readers (SSE) get them at once
+                    ctx.report_segment(done)
                 ctx.report_progress(min(seg.end / duration, 0.99))
         except ProcessingError:
             raise
@@ -178,6 +187,8 @@ class AudioProcessor:
                 "batching_reason": plan.reason,
             },
         }
+        if split_reason is not None:
+            result["metadata"]["split"] = {"pieces": 1, "reason": split_reason}
         if kwargs["vad_filter"] or plan.batched:
             result["metadata"]["speech_duration"] = round(float(info.duration_after_vad), 3)
         if not any(ch.isalnum() for ch in result["content"]):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +47,12 @@ class ProcessContext:
     work_dir: Path  # private scratch directory for this job
     report_progress: Callable[[float], None]
     source_url: str | None = None  # the job's URL, for processors that fetch it themselves
+    # Long recordings: the audio processor offers its decoded audio here, which may have it
+    # transcribed in pieces by idle workers (morag.split_jobs). None: always whole.
+    split: Splitter | None = None
+    # A finished transcript segment (start, end, text) for live readers (morag.live_events);
+    # it carries through ``nested``: video and youtube stream their audio's segments.
+    report_segment: Callable[[dict[str, Any]], None] = field(default=lambda segment: None)
 
     def nested(self, start: float, end: float) -> ProcessContext:
         """The context for a nested step (video and youtube call audio): the step reports
@@ -59,6 +65,26 @@ class ProcessContext:
             outer(start + span * min(max(fraction, 0.0), 1.0))
 
         return replace(self, report_progress=report)
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    """What a ``Splitter`` did: the merged transcript, or None and why it was not split."""
+
+    result: dict[str, Any] | None
+    reason: str
+
+
+Transcribe = Callable[[Path, dict[str, Any], "ProcessContext"], dict[str, Any]]
+
+
+class Splitter(Protocol):
+    def __call__(
+        self, audio: Any, rate: int, options: dict[str, Any], transcribe: Transcribe, ctx: Any
+    ) -> SplitOutcome:
+        """``audio``: the decoded samples at ``rate``; ``transcribe``: the processor itself,
+        for the pieces this worker runs (with a context whose ``split`` is None)."""
+        ...
 
 
 class Processor(Protocol):

@@ -8,6 +8,8 @@ upload lands in the shared directory, ``gpu`` (form field; default MORAG_OPENAI_
 the route with the usual CPU fallback, and the answer waits for the result (at most
 MORAG_OPENAI_WAIT seconds; then 504 with the job id, which ``/api/v1/status`` still serves).
 Two additions: ``vad_filter`` (skip silence) and the ``X-MoRAG-*`` answer headers.
+``stream=true`` (transcriptions, json or text) answers Server-Sent Events as the worker
+transcribes, in OpenAI's shape (``morag.api.live``); it waits for news, not for the end.
 
 An answer whose job goes on (the 504, or a Redis failure while waiting) carries
 ``x-should-retry: false``: the SDKs retry any 5xx (the Python SDK twice), and each retry
@@ -23,12 +25,13 @@ from typing import Any, Literal
 
 import redis
 from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFile
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from morag import files, subtitles
+from morag.api import live
 from morag.api.deps import (
     OPENAI_BEARER_SCHEME,
     AuthFailure,
@@ -137,6 +140,17 @@ ANSWERS: dict[int | str, dict[str, Any]] = {
         "content": {"text/plain": {"schema": {"type": "string"}}},
     },
 }
+# The transcription route also streams (stream=true): OpenAI's Server-Sent Events.
+STREAM_ANSWER = {
+    "description": "json and verbose_json: a JSON object; text, srt, vtt: plain text; "
+    "stream=true: Server-Sent Events (`transcript.text.delta` as segments are transcribed, "
+    "then `transcript.text.done` with the whole text; an `error` event if the job fails)",
+    "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": {"type": "string"}},
+    },
+}
+STREAM_FORMATS = ("json", "text")  # the stream's shape is the same for both
 
 
 # -- authentication ------------------------------------------------------------------------
@@ -323,11 +337,19 @@ async def _run(
     response: Response,
     request: Request,
     key: IdempotencyHeader | None,
+    stream: bool = False,
 ) -> Any:
     _check_model(model, svc)
     await _refuse_unsupported(request)
     if language:
         language = _check_language(language, svc)
+    if stream and fmt not in STREAM_FORMATS:
+        raise ApiError(
+            400,
+            f"stream=true streams text: response_format must be json or text, not {fmt}",
+            "invalid_input",
+            param="response_format",
+        )
     if granularities and fmt != "verbose_json":
         raise ApiError(
             400,
@@ -354,6 +376,19 @@ async def _run(
         )
     except BadInput as exc:
         raise ApiError(exc.status, exc.detail, exc.code, param="file") from exc
+    if stream:
+        events = live.transcript_events(
+            svc,
+            record.task_id,
+            client_gone=CLIENT_GONE,
+            forget=idem.redis_key if idem is not None else None,
+        )
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            # No caching or proxy buffering: each event is worth sending at once.
+            headers={**_headers(record), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         final = (
             await wait_for_end(
@@ -416,7 +451,7 @@ _PROMPT = Form(default=None, max_length=2000)
 @router.post(
     "/audio/transcriptions",
     response_model=Transcription | TranscriptionVerbose,
-    responses=ANSWERS,
+    responses={**ANSWERS, 200: STREAM_ANSWER},
     summary="Transcribe audio (OpenAI-compatible)",
 )
 async def transcriptions(
@@ -433,6 +468,10 @@ async def transcriptions(
     ),
     vad_filter: bool = _VAD,
     gpu: bool | None = _GPU,
+    stream: bool = Form(
+        default=False,
+        description="Server-Sent Events as the worker transcribes (json or text format)",
+    ),
     svc: Services = Depends(services),
     key: IdempotencyHeader | None = IdempotencyKey,
 ) -> Any:
@@ -441,6 +480,7 @@ async def transcriptions(
         file=file,
         model=model,
         task="transcribe",
+        stream=stream,
         language=language,
         prompt=prompt,
         temperature=temperature,

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from morag.api import live
 from morag.api.deps import ApiKey, services, wait_for_end
 from morag.api.errors import ApiError
 from morag.api.params import Paging, paging
 from morag.api.schemas import BatchStatus, Job, JobPage, QueuesAnswer, QueueStats, errors
 from morag.config import DECLARED_QUEUES
+from morag.live_events import valid_event_id
 from morag.submission import Services
 
 router = APIRouter(
@@ -70,3 +74,37 @@ async def job_status(
     if record is None:
         raise ApiError(404, f"unknown task id {task_id}")
     return record.public()
+
+
+EVENTS_ANSWER = {
+    "description": "Server-Sent Events until the job ends: "
+    + ", ".join(f"`{name}`" for name in live.EVENT_NAMES)
+    + ' (docs/api.md, "Live events"); the stream closes after `end` (or `error`)',
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+@router.get(
+    "/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={200: EVENTS_ANSWER, **errors(404)},
+)
+async def job_events(
+    task_id: str,
+    last_event_id: str | None = Header(
+        default=None,
+        alias="Last-Event-ID",
+        description="resume after this event (what an SSE client sends when it reconnects)",
+    ),
+    svc: Services = Depends(services),
+) -> StreamingResponse:
+    """The job as it goes (SSE): state and route changes, progress, the transcript's
+    segments as the worker finishes them (audio and video), then the end state."""
+    if await run_in_threadpool(svc.store.get, task_id) is None:
+        raise ApiError(404, f"unknown task id {task_id}")
+    after = last_event_id if valid_event_id(last_event_id) else "0"
+    return StreamingResponse(
+        live.job_events(svc, task_id, after or "0"),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
