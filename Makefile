@@ -80,6 +80,7 @@ bench: venv
 	$(PY) tests/bench/batched.py
 	$(PY) tests/bench/split.py
 	$(PY) tests/bench/overhead.py
+	$(PY) tests/bench/soak.py
 
 # dockerd: started by systemd where it runs, otherwise in the background (CI, containers).
 docker: deps
