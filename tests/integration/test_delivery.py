@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 
 import httpx
+from morag import fleet
+from morag.jobs import STORE_WAIT
 
 from tests.integration.stack import FLEET, Stack, stack_on_own_redis, wait_until
 
@@ -269,6 +272,53 @@ def test_without_a_store_worker_ready_and_the_job_say_so_and_storing_errors_retr
     assert job["result"]["metadata"]["stored"] is True and job["waiting_for"] is None
     with stack.client() as c:
         assert c.get("/ready").json()["status"] == "ready"
+
+
+def test_a_store_backlog_is_not_flooded_with_resends(
+    make_stack, speech_wav: Path, tmp_path: Path
+) -> None:
+    """The chaos finding: while the store worker was behind by more than
+    MORAG_STORE_RESEND_AFTER, the reconciler sent every waiting job's store message again each
+    period (15,000 duplicates in ten minutes), and the store worker fell further behind.
+    Messages waiting on the queue are not lost: no resend while the queue holds any."""
+    stack = make_stack(store_ingested="true", qdrant_path=tmp_path / "qdrant", store_resend_after=1)
+    stack.start({"cpu0@test": "celery"})
+    # A store worker that is alive (its heartbeat says so) and busy: it takes nothing now.
+    busy = {"name": "store@busy", "queues": ["morag-store"], "busy": True, "concurrency": 1}
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            fleet.publish(stack.redis, busy, ttl=2)
+            stop.wait(0.3)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        jobs = [stack.ingest(speech_wav, gpu=False)["task_id"] for _ in range(2)]
+        wait_until(lambda: stack.redis.llen("morag-store") == 2, 60, "both store messages")
+
+        def record(task_id: str) -> dict:
+            return json.loads(stack.redis.get(f"morag:job:{task_id}"))
+
+        wait_until(lambda: record(jobs[0])["store_resend_at"], 30, "the resend deadline")
+        first = record(jobs[0])["store_resend_at"]
+        # Three resend periods pass (the reconciler moves the deadline on each time)...
+        wait_until(
+            lambda: record(jobs[0])["store_resend_at"] >= first + 3, 30, "three resend periods"
+        )
+        # ...and the queue still holds the two messages, nothing more.
+        assert stack.redis.llen("morag-store") == 2
+        assert all(record(t)["waiting_for"] == STORE_WAIT for t in jobs)
+    finally:
+        stop.set()
+        beating.join()
+    fleet.withdraw(stack.redis, "store@busy")
+    stack.start_worker("store@test", "morag-store")
+    for task_id in jobs:
+        job = stack.wait_job(task_id, timeout=60)
+        assert job["status"] == "succeeded", job
+        assert job["result"]["metadata"]["stored"] is True
 
 
 def test_a_store_message_parked_in_unacked_does_not_strand_the_job(
