@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     # A job handed to morag-store with no store worker on it for this long gets its store
     # message sent again (a store worker killed mid-store leaves its message unacked).
     store_resend_after: float = Field(default=300.0, gt=0)
+    # A job queued this long while its queue is empty and no worker runs it lost its
+    # message (a worker killed between taking it and claiming the job): sent again.
+    lost_message_after: float = Field(default=120.0, gt=0)
     # A storing error (vector store or Redis unreachable) is retried this many times with
     # exponential backoff from store_retry_backoff seconds before the job fails.
     store_retries: int = Field(default=5, ge=0)

@@ -185,6 +185,9 @@ class JobRecord(Job):
     owner: str | None = None  # "worker/pid" of the current attempt, should its lease lapse
     storing: bool = False  # handed to the store worker
     store_resend_at: float | None = None  # epoch seconds: when the store message is resent
+    # Epoch seconds: when a reconciler last sent the message of this queued job again,
+    # having found its queue empty and nobody running it (morag.supervisor).
+    resent_at: float | None = None
     # Workers that got the job's message but do not offer its content type (a broken model,
     # a missing extra): the message went back to the queue for another worker.
     declined_by: list[str] = Field(default_factory=list)

@@ -603,6 +603,30 @@ class JobStore:
         self.update(task_id, change)
         return done["ok"]
 
+    def resend_lost(self, task_id: str, *, queued_for: float) -> bool:
+        """A job queued for ``queued_for`` seconds (or that long since it was last resent)
+        whose message the caller found gone: back in the outbox, due now, for the outbox
+        reconciler to send. True when this call put it there (once per ``queued_for``, however
+        many reconcilers look); a duplicate message is skipped by the claim."""
+        done = {"ok": False}
+        now = time.time()
+
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.status != QUEUED or holder:
+                return None
+            since = metrics.parse_time(record.queued_at or record.created_at) or now
+            if now - max(since, record.resent_at or 0.0) < queued_for:
+                return None
+            record.resent_at = now
+            done["ok"] = True
+            return record
+
+        def account(pipe: redis.client.Pipeline, record: JobRecord) -> None:
+            pipe.zadd(OUTBOX, {task_id: now}, nx=True)
+
+        self.update(task_id, change, on_commit=account)
+        return done["ok"]
+
     def fail_timed_out(self, task_id: str, worker: str, limit: int) -> JobRecord | None:
         """The hard time limit killed the attempt ``worker`` ran: the job ends here, once."""
 

@@ -236,8 +236,14 @@ class Supervisor:
         suspects: dict[str, float] = {}
         store_alive = bool(state.snapshot.consumers_of(STORE_QUEUE))
         backlog: int | None = None  # the store queue's length, read once a tick if needed
+        lengths: dict[str, int] | None = None  # the same for the job queues
         for record in self.store.get_many(self.store.active_ids()):
             task_id = record.task_id
+            if record.status == QUEUED:
+                if lengths is None:
+                    lengths = fleet.queue_lengths(self.redis)
+                self._watch_queued(record, lengths)
+                continue
             if record.status != RUNNING or self.store.lease_owner(task_id):
                 continue
             if record.storing:  # handed to morag-store
@@ -278,6 +284,23 @@ class Supervisor:
         if suspects:
             pipe.hset(SUSPECTS, mapping=suspects)
         pipe.execute()
+
+    def _watch_queued(self, record: JobRecord, lengths: dict[str, int]) -> None:
+        """A job queued for MORAG_LOST_MESSAGE_AFTER while its queue is empty and nobody
+        claimed it has lost its message: a worker killed between taking it off the queue and
+        claiming the job (kombu keeps it in ``unacked`` until the visibility timeout, hours,
+        or loses it if killed before that). Its message goes out again through the outbox.
+        A message in the queue is not lost (it waits its turn), so a backlog costs nothing."""
+        queue = record.route.queue
+        if lengths.get(queue, 0):
+            return
+        if self.store.resend_lost(record.task_id, queued_for=self.settings.lost_message_after):
+            log.warning(
+                "job %s: queued with %s empty and nobody running it: its message was lost; "
+                "sending it again",
+                record.task_id,
+                queue,
+            )
 
     def _store_backlog(self) -> int:
         """Messages waiting on the morag-store queue."""
