@@ -55,7 +55,13 @@ def test_job_that_kills_its_worker_every_time_fails_after_the_cap(
     assert "gave up after 2 deliveries" in job["error"]
     assert len(job["attempts"]) == 2
     m = stack.scrape()
-    assert m.value("morag_redeliveries_total", content_type="audio") >= 1
+    # The second delivery is Celery's (the lost child's message again) or the watchdog's
+    # (the job orphaned and re-enqueued), whichever comes first: on a loaded machine the
+    # replacement child is still loading its model when the watchdog looks.
+    again = (m.value("morag_redeliveries_total", content_type="audio") or 0) + (
+        m.value("morag_orphan_requeues_total") or 0
+    )
+    assert again >= 1
     assert m.value("morag_jobs_finished_total", state="failed", content_type="audio") == 1
     # The worker survived its children dying and still serves.
     assert stack.alive("cpu0@test")
