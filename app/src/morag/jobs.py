@@ -612,10 +612,7 @@ class JobStore:
         now = time.time()
 
         def change(record: JobRecord, holder: str | None) -> JobRecord | None:
-            if record.status != QUEUED or holder:
-                return None
-            since = metrics.parse_time(record.queued_at or record.created_at) or now
-            if now - max(since, record.resent_at or 0.0) < queued_for:
+            if record.status != QUEUED or holder or not waited_queued(record, queued_for, now):
                 return None
             record.resent_at = now
             done["ok"] = True
@@ -735,6 +732,12 @@ class JobStore:
 
 STORE_WAIT = "a morag-store worker to chunk, embed and store the result"
 STORE_RETRY = "a retry of the storing"  # waiting_for while a storing retry is scheduled
+
+
+def waited_queued(record: JobRecord, seconds: float, now: float) -> bool:
+    """Has ``record`` been queued (or unsent since its last resend) for ``seconds``?"""
+    since = metrics.parse_time(record.queued_at or record.created_at) or now
+    return now - max(since, record.resent_at or 0.0) >= seconds
 
 
 def as_result(result: Result | Mapping[str, Any]) -> Result:

@@ -24,7 +24,7 @@ from morag import __version__, execution, fleet, gpu_telemetry, liveness, runtim
 from morag.celery_app import dispatch
 from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settings
 from morag.job_record import JobRecord
-from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL
+from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL, waited_queued
 from morag.processors.registry import advertised_types
 from morag.routing import WORKER_LOST, decide_rescue, decide_route
 from morag.runtime import decide_device, job_store
@@ -292,9 +292,11 @@ class Supervisor:
         or loses it if killed before that). Its message goes out again through the outbox.
         A message in the queue is not lost (it waits its turn), so a backlog costs nothing."""
         queue = record.route.queue
-        if lengths.get(queue, 0):
+        # Checked on the record in hand first: most ticks need no transaction at all.
+        after = self.settings.lost_message_after
+        if lengths.get(queue, 0) or not waited_queued(record, after, time.time()):
             return
-        if self.store.resend_lost(record.task_id, queued_for=self.settings.lost_message_after):
+        if self.store.resend_lost(record.task_id, queued_for=after):
             log.warning(
                 "job %s: queued with %s empty and nobody running it: its message was lost; "
                 "sending it again",
