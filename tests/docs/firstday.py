@@ -16,8 +16,10 @@ right before a fenced block):
 The only changes to what the docs say: the example's names and addresses become the
 containers' (NAMES below), each host gets tests/docs/container-overlay.yml (the container
 connection and what a container cannot do), and HOME is a fresh directory (the vault
-password file lands there). Once the fleet runs its jobs, a second `site.yml` through
-ansible-runner must change nothing (morag_fleet.idempotence). The molecule scenario
+password file lands there). The fleet's shape: a server, a GPU host and a CPU-worker host,
+then a second GPU host added with `site.yml -l HOST` alone. Once the fleet runs its jobs,
+a second `site.yml` through ansible-runner must change nothing (morag_fleet.idempotence):
+adding a host changed nothing a later run would have to catch up on. The molecule scenario
 `firstday` runs `run` then `down`.
 """
 
@@ -47,15 +49,18 @@ NETWORK = "morag-docs"
 VOLUME = "morag-docs-shared"
 SERVER = "morag-docs-server"
 GPU = ["morag-docs-gpu1", "morag-docs-gpu2"]
-CONTAINERS = [SERVER, *GPU]
+CPU = "morag-docs-cpu1"
+WORKERS = [*GPU, CPU]
+CONTAINERS = [SERVER, *WORKERS]
 # The example's hosts -> the containers that play them.
 NAMES = {
     "morag.example.com": SERVER,
     "gpu-01.example.com": GPU[0],
     "gpu-03.example.com": GPU[1],
+    "cpu-01.example.com": CPU,
 }
 # The example's addresses -> the containers' (filled in once they exist).
-ADDRESSES = {"10.0.0.5": SERVER, "10.0.0.21": GPU[0], "10.0.0.23": GPU[1]}
+ADDRESSES = {"10.0.0.5": SERVER, "10.0.0.21": GPU[0], "10.0.0.23": GPU[1], "10.0.0.31": CPU}
 # The repository parts a sysadmin's checkout has (the docs run in a copy of them).
 CHECKOUT = ["ansible.cfg", "site.yml", "requirements.yml", "playbooks", "roles", "tools"]
 SENTENCE = "Please send the report to the office before Friday."
@@ -302,10 +307,33 @@ def wait_job(c: httpx.Client, task_id: str, timeout: float = 300) -> dict:
             return job
 
 
+def consumers(c: httpx.Client, queue: str) -> set[str]:
+    """The hosts with a live worker consuming QUEUE, as the API lists them."""
+    found = c.get("/api/v1/workers").json()
+    found = found["workers"] if isinstance(found, dict) else found
+    return {
+        w["name"].split("@", 1)[1]
+        for w in found
+        if queue in w.get("consuming", w.get("queues", []))
+    }
+
+
+def submit(c: httpx.Client, user: User, gpu: bool) -> str:
+    with open(user.repo / "talk.mp3", "rb") as f:
+        resp = c.post(
+            "/api/v1/ingest/file",
+            files={"file": ("talk.mp3", f, "audio/mpeg")},
+            data={"gpu": "true" if gpu else "false"},
+        )
+    assert resp.status_code == 202, resp.text
+    return resp.json()["task_id"]
+
+
 def check_fleet(user: User, jobs: int) -> None:
-    """Both GPU hosts consume gpu-tasks, the export lets both in, and every job succeeds."""
+    """Both GPU hosts consume gpu-tasks and the CPU-worker host celery, the export lets every
+    worker host in, and every job succeeds (gpu=true and gpu=false)."""
     conf = docker("exec", SERVER, "cat", "/etc/ganesha/ganesha.conf").stdout
-    for name in GPU:
+    for name in WORKERS:
         assert f"Clients = {name};" in conf, f"{name} is not in the server's export:\n{conf}"
     # The API serves HTTPS off loopback, verified with the morag_api role's CA.
     url = f"https://{user.addresses[SERVER]}:8000"
@@ -315,35 +343,23 @@ def check_fleet(user: User, jobs: int) -> None:
     with httpx.Client(base_url=url, headers=headers, timeout=30, verify=verify) as c:
         deadline = time.monotonic() + 120
         while True:
-            found = c.get("/api/v1/workers").json()
-            found = found["workers"] if isinstance(found, dict) else found
-            hosts = {
-                w["name"].split("@", 1)[1]
-                for w in found
-                if "gpu-tasks" in w.get("consuming", w.get("queues", []))
-            }
-            if set(GPU) <= hosts:
+            gpu, cpu = consumers(c, "gpu-tasks"), consumers(c, "celery")
+            if set(GPU) <= gpu and CPU in cpu:
                 break
             if time.monotonic() > deadline:
-                raise SystemExit(f"GPU workers consuming gpu-tasks: {sorted(hosts)}")
+                raise SystemExit(f"consuming gpu-tasks: {sorted(gpu)}; celery: {sorted(cpu)}")
             time.sleep(1)
-        ids = []
-        for _ in range(jobs):
-            with open(user.repo / "talk.mp3", "rb") as f:
-                resp = c.post(
-                    "/api/v1/ingest/file",
-                    files={"file": ("talk.mp3", f, "audio/mpeg")},
-                    data={"gpu": "true"},
-                )
-            assert resp.status_code == 202, resp.text
-            ids.append(resp.json()["task_id"])
-        ran_on = set()
-        for task_id in ids:
-            job = wait_job(c, task_id)
-            assert job["status"] == "succeeded", job
-            assert "report" in job["result"]["content"].lower(), job["result"]["content"]
-            ran_on.add(job["attempts"][-1]["worker"])
-        log(f"{jobs} gpu=true jobs succeeded, on {sorted(ran_on)}")
+        # A GPU host never quietly serves the CPU queue instead (issue 22 item 1).
+        assert not set(GPU) & cpu, f"GPU hosts consuming celery: {sorted(set(GPU) & cpu)}"
+        for gpu_flag in (True, False):
+            ids = [submit(c, user, gpu_flag) for _ in range(jobs)]
+            ran_on = set()
+            for task_id in ids:
+                job = wait_job(c, task_id)
+                assert job["status"] == "succeeded", job
+                assert "report" in job["result"]["content"].lower(), job["result"]["content"]
+                ran_on.add(job["attempts"][-1]["worker"])
+            log(f"{jobs} gpu={str(gpu_flag).lower()} jobs succeeded, on {sorted(ran_on)}")
 
 
 def playbook(user: User, *args: str) -> subprocess.CompletedProcess:
@@ -394,11 +410,12 @@ def switch_nfs(user: User) -> None:
     assert "is a container" in text or "nfsd kernel module" in text, text[-4000:]
     assert "nfs_server_implementation: ganesha" in text, text[-4000:]
     assert "PLAY [Provision the MoRAG GPU workers]" in text, text[-4000:]
-    for name in GPU:  # the GPU hosts were provisioned despite the server's failure
+    assert "PLAY [Provision the MoRAG CPU workers]" in text, text[-4000:]
+    for name in WORKERS:  # the worker hosts were provisioned despite the server's failure
         assert re.search(rf"{name}\s*:.*failed=0", text), text[-2000:]
     assert re.search(rf"{SERVER}\s*:.*failed=1", text), text[-2000:]
     assert not installed(SERVER, "nfs-ganesha"), "Ganesha left installed next to the kernel server"
-    log("kernel NFS in a container: the run went on with the GPU hosts and named the cause")
+    log("kernel NFS in a container: the run went on with the worker hosts and named the cause")
     back = playbook(user, "--tags", "nfs_server,nfs_client")
     assert back.returncode == 0, (back.stdout + back.stderr)[-4000:]
     assert not installed(SERVER, "nfs-kernel-server"), "kernel server left installed"
@@ -446,7 +463,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["run", "down", "steps"])
-    parser.add_argument("--jobs", type=int, default=4, help="gpu=true jobs at the end")
+    parser.add_argument("--jobs", type=int, default=4, help="gpu=true and gpu=false jobs each, at the end")
     parser.add_argument(
         "--source", type=Path, default=ROOT, help="the checkout to copy (default: this one)"
     )

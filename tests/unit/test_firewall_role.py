@@ -268,3 +268,38 @@ def test_a_host_without_cap_net_admin_is_told_to_set_firewall_apply(
     assert done.returncode != 0, output
     assert "Operation not permitted" in output and "Set firewall_apply: false" in output, output
     assert not (tmp_path / "nocap.nft").exists()  # validate refused it: nothing half-written
+
+
+def test_a_fleet_name_that_does_not_resolve_is_named(tmp_path: Path) -> None:
+    """The fleet's names are resolved in one command on the host; one that does not resolve
+    fails the host with every such name, and the two ways to fix it."""
+    if ANSIBLE is None or NFT is None:
+        pytest.skip("ansible-playbook and nftables are installed by make deps")
+    case = dict(CASES["fleet_rule"])
+    case |= {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "children": {
+                "cases": {"hosts": {"fleet_rule": case}},
+                "server": {
+                    "hosts": {
+                        "localhost": {"ansible_connection": "local"},
+                        "ghost-1.invalid": {},
+                        "ghost-2.invalid": {},
+                    }
+                },
+            }
+        }
+    }
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "fw.yml").write_text(PLAYBOOK)
+    args = [ANSIBLE, "-i", "hosts.yml", "fw.yml", "-e", f"out_dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SSH_"))}
+    env |= {"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_LOCALHOST_WARNING": "false"}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "ghost-1.invalid, ghost-2.invalid (fleet hosts) do not resolve on fleet_rule" in output
+    assert "firewall_fleet_extra" in output
+    assert "localhost, ghost" not in output and "invalid, localhost" not in output
+    assert not (tmp_path / "fleet_rule.nft").exists()
