@@ -463,7 +463,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["run", "down", "steps"])
-    parser.add_argument("--jobs", type=int, default=4, help="gpu=true and gpu=false jobs each, at the end")
+    parser.add_argument(
+        "--jobs", type=int, default=4, help="gpu=true and gpu=false jobs each, at the end"
+    )
     parser.add_argument(
         "--source", type=Path, default=ROOT, help="the checkout to copy (default: this one)"
     )

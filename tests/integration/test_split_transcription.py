@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from morag import live_events
 
 from tests.conftest import RedisServer, wait_until
 from tests.integration import media
@@ -113,6 +114,15 @@ def test_a_long_recording_is_split_across_two_idle_workers(
     _check_times(result)
     assert result["subtitles"]["srt"].count(" --> ") == len(result["segments"])
     assert progress == sorted(progress), f"progress went back: {progress}"
+    # Live readers got the whole transcript, in order: the first piece's segments as they
+    # came, the second's (from the other worker) once the first was done.
+    events = live_events.read_after(stack.redis, job["task_id"], "0")
+    live = [e.data for e in events if e.type == live_events.SEGMENT]
+
+    def key(segments: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+        return [(round(s["start"], 1), round(s["end"], 1), s["text"].strip()) for s in segments]
+
+    assert key(live) == key(result["segments"])
     # One job id for the client; the piece is internal, ended, and soon gone.
     (piece,) = _pieces(stack, job["task_id"])
     assert piece["status"] == "succeeded" and piece["route"]["code"] == "split_piece"

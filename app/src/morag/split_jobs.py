@@ -174,8 +174,9 @@ class JobSplitter:
                         read_progress()
 
             changes: dict[str, Any] = {"split": None, "report_progress": report}
-            if index and hasattr(ctx, "report_segment"):
-                # Live readers get the first piece's segments (in order) only.
+            if index:
+                # Live readers get the first piece's segments as they come, the others'
+                # in recording order once the pieces before them are done (relay).
                 changes["report_segment"] = lambda segment: None
             path = ctx.work_dir / f"piece-{index}.wav"
             start, end = spans[index]
@@ -186,6 +187,18 @@ class JobSplitter:
                 path.unlink(missing_ok=True)
             ctx.report_progress(progress.update(index, 1.0))
             return splitting.Piece(*seconds[index], result, self.worker)
+
+        relayed = {"next": 1}
+
+        def relay() -> None:
+            """The segments of the pieces after the first, in the recording's time and
+            order, to the job's live readers: each piece once every piece before it is
+            done, wherever it ran (the first piece streams its segments live)."""
+            while relayed["next"] in done:
+                piece = done[relayed["next"]]
+                for seg in piece.result.get("segments") or []:
+                    ctx.report_segment(splitting.shift_segment(seg, piece.start, piece.end))
+                relayed["next"] += 1
 
         try:
             self._adopt(ids)
@@ -208,8 +221,10 @@ class JobSplitter:
                 index = self._collect(ids, index_of, done, progress, ctx)
                 if index is not None:
                     done[index] = here(index)
-                elif len(done) < count:
+                relay()
+                if index is None and len(done) < count:
                     time.sleep(POLL)
+            relay()
         finally:
             self._clean_up(ids, uploads)
         pieces = [done[i] for i in range(count)]
