@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,6 +18,33 @@ STORE_QUEUE = "morag-store"  # server side only: vector storage, search, webhook
 DECLARED_QUEUES = (CPU_QUEUE, GPU_QUEUE, STORE_QUEUE)
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _qdrant_url_problem(url: str, api_key: bool, ca_file: bool) -> str | None:
+    """Why MORAG_QDRANT_URL cannot be used with the other Qdrant settings, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"MORAG_QDRANT_URL must be an http:// or https:// URL with a host, not {url!r}"
+    if parts.scheme == "http" and api_key and not _is_loopback(parts.hostname):
+        # The key is sent in a header on every request: refused in clear, as Redis and the
+        # API are (TLS off loopback).
+        return (
+            f"MORAG_QDRANT_API_KEY would cross the network in clear: MORAG_QDRANT_URL is "
+            f"http:// to {parts.hostname}, not loopback. Use https:// (MORAG_QDRANT_CA_FILE "
+            "for a private CA)"
+        )
+    if parts.scheme == "http" and ca_file:
+        return "MORAG_QDRANT_CA_FILE needs an https:// MORAG_QDRANT_URL"
+    return None
 
 
 def _split_csv(value: object) -> object:
@@ -80,6 +109,9 @@ class Settings(BaseSettings):
     embedding_model: str = "all-MiniLM-L6-v2"
     qdrant_url: str | None = None  # unset: local mode on disk at qdrant_path
     qdrant_api_key: SecretStr | None = None
+    # An https:// Qdrant server signed by a private CA: verify its certificate against this
+    # file (unset: the system's trust store).
+    qdrant_ca_file: Path | None = None
     qdrant_path: Path = Path("/var/lib/morag/qdrant")
     qdrant_collection: str = "morag"
     search_timeout: float = Field(default=30.0, gt=0)
@@ -184,6 +216,12 @@ class Settings(BaseSettings):
                 "MORAG_API_TLS_CERT_FILE and MORAG_API_TLS_KEY_FILE go together: set both "
                 "(HTTPS) or neither (plain HTTP)"
             )
+        if self.qdrant_url:
+            problem = _qdrant_url_problem(
+                self.qdrant_url, self.qdrant_api_key is not None, self.qdrant_ca_file is not None
+            )
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ssl
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -27,23 +28,37 @@ def point_id(job_id: str, index: int) -> str:
     return str(uuid.uuid5(POINT_NAMESPACE, f"{job_id}:{index}"))
 
 
+def client_options(settings: Settings) -> dict[str, Any]:
+    """``QdrantClient``'s keyword arguments: a Qdrant server (REST) with MORAG_QDRANT_URL,
+    local mode on disk at MORAG_QDRANT_PATH without it (one process at a time: open_client)."""
+    if not settings.qdrant_url:
+        return {"path": str(settings.qdrant_path)}
+    options: dict[str, Any] = {"url": settings.qdrant_url}
+    if settings.qdrant_api_key is not None:
+        options["api_key"] = settings.qdrant_api_key.get_secret_value()
+    if settings.qdrant_ca_file is not None:
+        # Passed on to the httpx client of the REST API.
+        options["verify"] = ssl.create_default_context(cafile=str(settings.qdrant_ca_file))
+        # qdrant-client's server version check is a bare httpx.get that ignores `verify`:
+        # against a private CA it could only fail and log a misleading warning.
+        options["check_compatibility"] = False
+    return options
+
+
 @contextlib.contextmanager
 def open_client(settings: Settings) -> Iterator[Any]:
     from qdrant_client import QdrantClient
 
     if settings.qdrant_url:
         if settings.qdrant_url not in _server_clients:
-            key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-            _server_clients[settings.qdrant_url] = QdrantClient(
-                url=settings.qdrant_url, api_key=key
-            )
+            _server_clients[settings.qdrant_url] = QdrantClient(**client_options(settings))
         yield _server_clients[settings.qdrant_url]
         return
     path = settings.qdrant_path
     path.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.morag-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        client = QdrantClient(path=str(path))
+        client = QdrantClient(**client_options(settings))
         try:
             yield client
         finally:
