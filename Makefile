@@ -81,6 +81,7 @@ bench: venv
 	$(PY) tests/bench/split.py
 	$(PY) tests/bench/overhead.py
 	$(PY) tests/bench/soak.py
+	$(PY) tests/bench/fleet_scale.py
 
 # dockerd: started by systemd where it runs, otherwise in the background (CI, containers).
 docker: deps

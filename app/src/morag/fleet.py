@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,17 +54,28 @@ def read_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
     return recheck(client, FleetState(snap, beats)).heartbeats
 
 
-def _unexpired_heartbeats(client: redis.Redis) -> list[dict[str, Any]]:
+def _unexpired_heartbeats(
+    client: redis.Redis, parsed: dict[bytes, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """``parsed``: the heartbeats of the previous read by their raw value, kept up to date:
+    a worker beats every few seconds, so most values read again are the same bytes, and
+    parsing a thousand of them holds the GIL for milliseconds the API's requests wait on."""
     names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(REGISTRY))
     if not names:
         return []
     raws = client.mget([heartbeat_key(n) for n in names])
     live, gone = [], []
+    seen: dict[bytes, dict[str, Any]] = {}
     for name, raw in zip(names, raws, strict=True):
         if raw:
-            live.append(json.loads(raw))
+            hb = parsed.get(raw) if parsed is not None else None
+            seen[raw] = hb = json.loads(raw) if hb is None else hb
+            live.append(hb)
         else:
             gone.append(name)
+    if parsed is not None:
+        parsed.clear()
+        parsed.update(seen)
     if gone:
         client.srem(REGISTRY, *gone)
     return live
@@ -120,8 +132,10 @@ class FleetState:
     heartbeats: list[dict[str, Any]]
 
 
-def read_fleet(client: redis.Redis) -> FleetState:
-    beats = _unexpired_heartbeats(client)
+def read_fleet(
+    client: redis.Redis, parsed: dict[bytes, dict[str, Any]] | None = None
+) -> FleetState:
+    beats = _unexpired_heartbeats(client, parsed)
     snap = FleetSnapshot(tuple(to_view(b) for b in beats), queue_lengths(client))
     return recheck(client, FleetState(snap, beats))
 
@@ -163,26 +177,82 @@ def _text(value: bytes | str) -> str:
 class CachedFleet:
     """The API's view of the fleet: heartbeats and queue lengths read at most every
     ``max_age`` seconds, and the liveness channels of the workers in it counted at most every
-    ``liveness_interval`` seconds, so a killed worker leaves routing within that."""
+    ``liveness_interval`` seconds, so a killed worker leaves routing within that.
+
+    A due read runs in a background thread while callers keep the state they have: at a
+    thousand workers a read takes tens of milliseconds and would stall every request that
+    arrives meanwhile (tests/bench/fleet_scale.py). A state older than twice those intervals
+    (an API nobody asked for a while) is read at once, as is
+    the first, and one whose background read failed (the next call raises as Redis does);
+    while a read is under way, callers keep the state they have.
+    ``max_age`` 0: every call reads."""
 
     def __init__(
-        self, client: redis.Redis, max_age: float, liveness_interval: float | None = None
+        self,
+        client: redis.Redis,
+        max_age: float,
+        liveness_interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.max_age = max_age
         self.liveness_interval = max_age if liveness_interval is None else liveness_interval
+        self.clock = clock
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # one read at a time, in the background or not
         self._state: FleetState | None = None
         self._at = 0.0
         self._checked = 0.0
+        self._refreshing = False
+        self._parsed: dict[bytes, dict[str, Any]] = {}  # read_fleet's, under _read_lock
 
     def get(self) -> FleetState:
         with self._lock:
-            now = time.monotonic()
-            if self._state is None or now - self._at >= self.max_age:
-                self._state = read_fleet(self.client)
-                self._at = self._checked = now
-            elif now - self._checked >= self.liveness_interval:
-                self._state = recheck(self.client, self._state)
-                self._checked = now
-            return self._state
+            now = self.clock()
+            state, age, unchecked = self._state, now - self._at, now - self._checked
+            if self._fresh(now):
+                return state
+            late = age >= 2 * self.max_age or unchecked >= 2 * self.liveness_interval
+            if state is not None and (self._refreshing or not late):
+                if not self._refreshing:
+                    self._refreshing = True
+                    full = age >= self.max_age
+                    threading.Thread(
+                        target=self._refresh, args=(full,), name="morag-fleet", daemon=True
+                    ).start()
+                return state
+        return self._read(full=state is None or age >= self.max_age)
+
+    def _fresh(self, now: float) -> bool:
+        return (
+            self._state is not None
+            and now - self._at < self.max_age
+            and now - self._checked < self.liveness_interval
+        )
+
+    def _read(self, full: bool) -> FleetState:
+        with self._read_lock:
+            with self._lock:
+                state, started = self._state, self.clock()
+                if self._fresh(started):  # read by the caller this one waited for
+                    return state
+            if full or state is None:
+                state = read_fleet(self.client, self._parsed)
+                with self._lock:
+                    self._state, self._at, self._checked = state, started, started
+            else:
+                state = recheck(self.client, state)
+                with self._lock:
+                    self._state, self._checked = state, started
+            return state
+
+    def _refresh(self, full: bool) -> None:
+        try:
+            self._read(full)
+        except Exception as exc:  # the next get() reads in its own thread and raises
+            log.warning("fleet read failed: %s", exc)
+            with self._lock:
+                self._state = None
+        finally:
+            with self._lock:
+                self._refreshing = False
