@@ -128,12 +128,18 @@ class Supervisor:
             fleet.withdraw(self.redis, self.hostname)
             return
         fleet.publish(self.redis, self.heartbeat(active), self.settings.heartbeat_ttl)
-        state = self.state = fleet.read_fleet(self.redis)
+        # The whole fleet is read only by the workers that use it: those that may rescue
+        # gpu-tasks, and the one holding the watchdog lock. Every worker reading it every
+        # tick made the fleet's reads grow with its square (tests/bench/fleet_scale.py).
+        state: fleet.FleetState | None = None
         if self.rescues:
+            state = self.state = fleet.read_fleet(self.redis)
             self._rescue(state)
         lock_ms = max(100, int(self.settings.heartbeat_interval * 900))
         if not self.redis.set(WATCHDOG_LOCK, self.hostname, nx=True, px=lock_ms):
             return
+        if state is None:
+            state = fleet.read_fleet(self.redis)
         self._send_outbox()
         self._send_webhooks(state)
         self._watch_orphans(state)
