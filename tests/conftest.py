@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests import redis_acl
+from tests.tls import ca_and_server_cert
 
 REDIS_PASSWORD = "test-redis-password"  # Redis' `default` user: the tests' own admin account
 
@@ -27,18 +28,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_tls() -> bool:
+    """Whether the tests' Redis speaks TLS only, as the redis role ships it for a Redis the
+    fleet reaches over the network (the default; MORAG_TEST_REDIS_TLS=0 for plain TCP)."""
+    return os.environ.get("MORAG_TEST_REDIS_TLS", "1") != "0"
+
+
+def redis_listen_args(workdir: Path, port: int) -> tuple[list[str], Path | None]:
+    """redis-server arguments for ``port`` and the CA its clients verify (None: plain TCP).
+    With TLS, as the role configures it: the TLS port only, server certificate from a CA,
+    clients authenticated by their ACL password (not by certificate)."""
+    if not redis_tls():
+        return ["--port", str(port)], None
+    ca, crt, key = ca_and_server_cert(workdir / "tls")
+    args = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+    args += ["--tls-cert-file", str(crt), "--tls-key-file", str(key)]
+    args += ["--tls-ca-cert-file", str(ca)]
+    return args, ca
+
+
+def admin_url(port: int, db: int = 0, ca: Path | None = None) -> str:
+    """The admin (`default` user) URL: the tests' own reads, writes and cleanup."""
+    if ca is None:
+        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/{db}"
+    return f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{port}/{db}{redis_acl.tls_query(ca)}"
+
+
 class RedisServer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, ca: Path | None = None) -> None:
         self.port = port
+        self.ca = ca
         self._dbs = itertools.count(1)
 
     def url(self, db: int = 0) -> str:
         """The admin (`default` user) URL: the tests' own reads, writes and cleanup."""
-        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
+        return admin_url(self.port, db, self.ca)
 
     def role_urls(self, db: int) -> dict[str, str]:
         """The URLs of the role's ACL users (api, worker, store) on database ``db``."""
-        return redis_acl.urls(self.port, db)
+        return redis_acl.urls(self.port, db, self.ca)
 
     def fresh_db(self) -> int:
         db = next(self._dbs)
@@ -83,14 +111,16 @@ def answers(client: redis.Redis) -> bool:
 @contextlib.contextmanager
 def running_redis(workdir: Path) -> Iterator[RedisServer]:
     """A throwaway redis-server on a free loopback port, no persistence, with an admin
-    password and the ACL users of roles/redis (the app's processes log in as those)."""
+    password and the ACL users of roles/redis (the app's processes log in as those), over
+    TLS unless MORAG_TEST_REDIS_TLS=0."""
     port = free_port()
+    listen, ca = redis_listen_args(workdir, port)
     proc = spawn_redis(
         workdir,
-        *["--port", str(port), "--appendonly", "no", "--requirepass", REDIS_PASSWORD],
+        *[*listen, "--appendonly", "no", "--requirepass", REDIS_PASSWORD],
         *["--databases", "256", *redis_acl.server_args()],
     )
-    server = RedisServer(port)
+    server = RedisServer(port, ca)
     try:
         wait_until(lambda: answers(redis.Redis.from_url(server.url())), 5, "redis-server", 0.05)
         yield server

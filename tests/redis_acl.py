@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
@@ -81,14 +82,22 @@ def server_args() -> list[str]:
     return args
 
 
-def url(port: int, role: str, db: int = 0) -> str:
-    """The MORAG_REDIS_URL of ``role`` (api, worker, store) as roles/morag_app writes it."""
-    return f"redis://{role_users()[role].name}:{password(role)}@127.0.0.1:{port}/{db}"
+def tls_query(ca: Path) -> str:
+    """The query roles/morag_app puts after a TLS Redis URL (rediss://): verify the server
+    against the role's CA."""
+    return f"?ssl_cert_reqs=required&ssl_ca_certs={quote(str(ca), safe='')}"
 
 
-def urls(port: int, db: int = 0) -> dict[str, str]:
+def url(port: int, role: str, db: int = 0, ca: Path | None = None) -> str:
+    """The MORAG_REDIS_URL of ``role`` (api, worker, store) as roles/morag_app writes it:
+    rediss:// verified against ``ca`` when given (the role's default off loopback)."""
+    scheme, query = ("rediss", tls_query(ca)) if ca is not None else ("redis", "")
+    return f"{scheme}://{role_users()[role].name}:{password(role)}@127.0.0.1:{port}/{db}{query}"
+
+
+def urls(port: int, db: int = 0, ca: Path | None = None) -> dict[str, str]:
     """Each role's URL: the API, the GPU/CPU workers and the store worker log in separately."""
-    return {role: url(port, role, db) for role in ROLES}
+    return {role: url(port, role, db, ca) for role in ROLES}
 
 
 def allow_database(admin: Any, db: int) -> None:

@@ -23,8 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import redis_acl
 from tests.conftest import (
     REDIS_PASSWORD,
+    admin_url,
     answers,
     free_port,
+    redis_listen_args,
     running_redis,
     spawn_redis,
     wait_until,
@@ -281,14 +283,15 @@ class OwnRedis:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.listen, self.ca = redis_listen_args(workdir, self.port)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
         """The admin (`default` user) URL; ``users()`` are the app's."""
-        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/{db}"
+        return admin_url(self.port, db, self.ca)
 
     def users(self) -> dict[str, str]:
-        return redis_acl.urls(self.port, 0)
+        return redis_acl.urls(self.port, 0, self.ca)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url(), socket_timeout=5)
@@ -296,7 +299,7 @@ class OwnRedis:
     def start(self) -> None:
         self.proc = spawn_redis(
             self.dir,
-            *["--port", str(self.port), "--requirepass", REDIS_PASSWORD],
+            *[*self.listen, "--requirepass", REDIS_PASSWORD],
             *redis_acl.server_args(),
             *["--appendonly", "yes", "--appendfsync", "everysec"],
             log=self.dir / "redis.log",
