@@ -75,6 +75,16 @@ CASES: dict[str, dict[str, object]] = {
 }
 
 
+def ansible_env() -> dict[str, str]:
+    """ansible-playbook's environment, run outside the repository (its ansible.cfg wants a
+    vault password and an inventory): no ANSIBLE_*/SSH_* of the caller, this role's path,
+    and /usr/sbin for nft."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SSH_"))}
+    env |= {"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_LOCALHOST_WARNING": "false"}
+    env["PATH"] = f"/usr/sbin{os.pathsep}{env['PATH']}"
+    return env
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One ansible-playbook run over every case: its output and the rulesets it wrote."""
@@ -107,9 +117,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     (tmp / "fw.yml").write_text(PLAYBOOK)
     args = [ANSIBLE, "-i", str(tmp / "hosts.yml"), str(tmp / "fw.yml"), "-e", f"out_dir={tmp}"]
     # Run outside the repository: its ansible.cfg wants a vault password and an inventory.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SSH_"))}
-    env |= {"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_LOCALHOST_WARNING": "false"}
-    env["PATH"] = f"/usr/sbin{os.pathsep}{env['PATH']}"
+    env = ansible_env()
     done = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     rulesets = {name: (tmp / f"{name}.nft") for name in CASES}
     return {
@@ -257,9 +265,7 @@ def test_a_host_without_cap_net_admin_is_told_to_set_firewall_apply(
     (tmp_path / "fw.yml").write_text(
         PLAYBOOK.replace("firewall_apply: false", "firewall_apply: true")
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SSH_"))}
-    env |= {"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_LOCALHOST_WARNING": "false"}
-    env["PATH"] = f"/usr/sbin{os.pathsep}{env['PATH']}"
+    env = ansible_env()
     args = [setpriv, "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", ANSIBLE]
     args += ["-i", str(tmp_path / "hosts.yml"), str(tmp_path / "fw.yml")]
     args += ["-e", f"out_dir={tmp_path}"]
@@ -294,8 +300,7 @@ def test_a_fleet_name_that_does_not_resolve_is_named(tmp_path: Path) -> None:
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     (tmp_path / "fw.yml").write_text(PLAYBOOK)
     args = [ANSIBLE, "-i", "hosts.yml", "fw.yml", "-e", f"out_dir={tmp_path}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SSH_"))}
-    env |= {"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_LOCALHOST_WARNING": "false"}
+    env = ansible_env()
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output

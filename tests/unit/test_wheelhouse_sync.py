@@ -43,11 +43,11 @@ def role_tasks() -> list[dict]:
         # Local connection, as the test's own user: no root ownership, no delegation.
         task.pop("delegate_to", None)
         task.pop("become", None)
-        for module in ("ansible.builtin.copy",):
-            if module in task:
-                task[module] = {
-                    k: v for k, v in task[module].items() if k not in ("owner", "group")
-                }
+        if "ansible.builtin.copy" in task:
+            copy = task["ansible.builtin.copy"]
+            task["ansible.builtin.copy"] = {
+                k: v for k, v in copy.items() if k not in ("owner", "group")
+            }
     return picked
 
 

@@ -182,9 +182,9 @@ class CachedFleet:
     A due read runs in a background thread while callers keep the state they have: at a
     thousand workers a read takes tens of milliseconds and would stall every request that
     arrives meanwhile (tests/bench/fleet_scale.py). A state older than twice those intervals
-    (an API nobody asked for a while) is read at once, as is
-    the first, and one whose background read failed (the next call raises as Redis does);
-    while a read is under way, callers keep the state they have.
+    (an API nobody asked for a while) is read at once, as is the first, and one whose
+    background read failed (the next call raises as Redis does); while a read is under way,
+    callers keep the state they have.
     ``max_age`` 0: every call reads."""
 
     def __init__(
