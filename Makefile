@@ -66,9 +66,11 @@ integration: venv $(if $(MORAG_PREPARED),,wheelhouse)
 
 # Integration and molecule run side by side (tests/stages.py `a+b`): both mostly wait, on
 # their own processes and on containers. Images and wheelhouse come first, once, so that
-# neither rebuilds them under the other (MORAG_PREPARED=1 tells them so).
+# neither rebuilds them under the other (MORAG_PREPARED=1 tells them so). When the
+# integration tests end, molecule opens a third lane for the role scenarios.
 test: venv
-	MORAG_PREPARED=1 $(PY) tests/stages.py lint unit prepare integration+molecule
+	MORAG_PREPARED=1 MORAG_MOLECULE_LANE_AFTER=.cache/stages/integration.done \
+	  $(PY) tests/stages.py lint unit prepare integration+molecule
 
 prepare: venv docker
 	molecule/images/build.sh 11 12 13

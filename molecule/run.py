@@ -10,6 +10,9 @@ Scenarios run in MORAG_MOLECULE_JOBS lanes (default 2), longest first. A scenari
 most of its time waiting on containers (a role scenario uses about a fifth of one core), so
 two lanes on 2 cores take little more than half the time of one. Every scenario has its own
 containers, networks and controller files; none publishes a port but the lab's API.
+With MORAG_MOLECULE_LANE_AFTER=FILE one more lane opens once FILE exists: `make test` runs
+the integration tests beside this stage and tests/stages.py touches FILE when they end, so
+the role scenarios no longer wait for site and firstday to free a lane.
 After a failure no new scenario starts; those running finish and are reported.
 
 Entries of PYTEST are pytest files on the same images, not molecule scenarios.
@@ -155,8 +158,20 @@ def main(argv: list[str]) -> int:
             if not ok:
                 failed.set()
 
+    def late_lane(marker: Path) -> None:
+        while not marker.exists():
+            with lock:
+                if not queue or failed.is_set():
+                    return
+            time.sleep(5)
+        print(f"=== {marker} exists: one more lane", flush=True)
+        lane()
+
     started = time.monotonic()
     lanes = [threading.Thread(target=lane) for _ in range(max(1, min(jobs, len(queue))))]
+    if os.environ.get("MORAG_MOLECULE_LANE_AFTER") and len(queue) > len(lanes):
+        marker = ROOT / os.environ["MORAG_MOLECULE_LANE_AFTER"]
+        lanes.append(threading.Thread(target=late_lane, args=(marker,)))
     for t in lanes:
         t.start()
     for t in lanes:

@@ -31,10 +31,18 @@ def tail(log: Path, lines: int) -> str:
     return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
 
 
+def done_marker(stage: str) -> Path:
+    """Touched when a stage of a group ends: a sibling may take over its share of the cores
+    (molecule/run.py opens a lane when the integration tests are done)."""
+    return LOGS / f"{stage}.done"
+
+
 def run_group(group: list[str]) -> list[tuple[str, float, bool]]:
     """Start every stage of the group; wait for all (a failure does not stop its siblings:
     their own result is worth having and they clean up after themselves)."""
     LOGS.mkdir(parents=True, exist_ok=True)
+    for stage in group:
+        done_marker(stage).unlink(missing_ok=True)
     started = time.monotonic()
     logs = {stage: (None if i == 0 else LOGS / f"{stage}.log") for i, stage in enumerate(group)}
     procs = {stage: make(stage, logs[stage]) for stage in group}
@@ -48,6 +56,7 @@ def run_group(group: list[str]) -> list[tuple[str, float, bool]]:
             if proc.poll() is not None:
                 results[stage] = (time.monotonic() - started, proc.returncode == 0)
                 del pending[stage]
+                done_marker(stage).touch()
         time.sleep(1)
     for stage in group:
         log = logs[stage]

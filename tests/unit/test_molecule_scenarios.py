@@ -39,3 +39,45 @@ def test_every_scenario_has_a_weight() -> None:
     assert set(run.SCENARIOS) - run.WEIGHT.keys() == set()
     for name in set(run.SCENARIOS) - run.PYTEST.keys():
         assert (ROOT / "molecule" / name / "molecule.yml").is_file(), name
+
+
+def test_a_lane_opens_when_the_stage_beside_it_ends(tmp_path: Path, monkeypatch) -> None:
+    """`make test`: the role scenarios run in a third lane once the integration tests end,
+    instead of waiting for the long scenarios to free one of the two."""
+    import threading
+
+    run = runner()
+    release_long = threading.Event()
+    ran: list[str] = []
+
+    def fake_run(cmd: list[str], log: Path | None = None) -> bool:
+        scenario = cmd[-1]
+        if scenario == "site":
+            assert release_long.wait(60), "the short scenarios never ran beside the long one"
+        ran.append(scenario)
+        return True
+
+    marker = tmp_path / "integration.done"
+    monkeypatch.setattr(run, "run", fake_run)
+    monkeypatch.setenv("MORAG_PREPARED", "1")
+    monkeypatch.setenv("MORAG_MOLECULE_LANE_AFTER", str(marker))
+    result: list[int] = []
+    main = threading.Thread(
+        target=lambda: result.append(run.main(["-j", "1", "site", "redis", "nfs_client"]))
+    )
+    main.start()
+    try:
+        # Before the marker: one lane, held by `site`; nothing else may start.
+        threading.Event().wait(0.3)
+        assert ran == []
+        marker.touch()
+        deadline = threading.Event()
+        for _ in range(600):
+            if sorted(ran) == ["nfs_client", "redis"]:
+                break
+            deadline.wait(0.1)
+        assert sorted(ran) == ["nfs_client", "redis"], ran
+    finally:
+        release_long.set()
+        main.join(60)
+    assert ran[-1] == "site" and result == [0]
