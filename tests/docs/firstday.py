@@ -360,6 +360,26 @@ def check_fleet(user: User, jobs: int) -> None:
                 assert "report" in job["result"]["content"].lower(), job["result"]["content"]
                 ran_on.add(job["attempts"][-1]["worker"])
             log(f"{jobs} gpu={str(gpu_flag).lower()} jobs succeeded, on {sorted(ran_on)}")
+    # The jobs above were stored by the store worker: the server's services run as users of
+    # their own (docs/security.md, "OS users"), and a worker cannot read their secrets.
+    for unit, user_name in (("morag-api", "morag-api"), ("morag-worker@store", "morag-store")):
+        pid = docker("exec", SERVER, "systemctl", "show", "-p", "MainPID", "--value", unit).stdout
+        owner = docker("exec", SERVER, "ps", "-o", "user=", "-p", pid.strip()).stdout.strip()
+        assert owner == user_name, f"{unit} runs as {owner!r}, not {user_name}"
+    for secret in ("api.env", "redis-api.env", "redis-store.env"):
+        read = docker(
+            "exec",
+            SERVER,
+            "runuser",
+            "-u",
+            "morag",
+            "--",
+            "cat",
+            f"/etc/morag/{secret}",
+            check=False,
+        )
+        assert read.returncode != 0, f"the workers' user read /etc/morag/{secret}"
+    log("the API runs as morag-api, the store worker as morag-store; morag reads neither's secrets")
 
 
 def playbook(user: User, *args: str) -> subprocess.CompletedProcess:

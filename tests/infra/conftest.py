@@ -17,6 +17,8 @@ import shlex
 import pytest
 
 ENV_FILE = "/etc/morag/morag.env"
+# The API's own secrets where it runs as a user of its own (morag_app_identities).
+API_ENV_FILE = "/etc/morag/api.env"
 VENV_PYTHON = "/opt/morag/venv/bin/python"
 
 
@@ -80,6 +82,15 @@ class Facts:
                 if len(value) >= 2 and value[0] == value[-1] == '"':
                     value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
                 values[key.strip()] = value
+        return values
+
+    def api_env(self) -> dict[str, str]:
+        """What the API's unit reads: morag.env, then api.env where there is one."""
+        values = self.env()
+        with self.host.sudo():
+            has_api_env = self.host.file(API_ENV_FILE).exists
+        if has_api_env:
+            values.update(self.env(API_ENV_FILE))
         return values
 
     def api_base(self) -> tuple[str, str | None]:

@@ -23,7 +23,9 @@ def test_env_file_has_the_essentials(facts):
     for key in ("MORAG_REDIS_URL", "MORAG_WORKER_TOKEN", "MORAG_API_URL", "MORAG_SHARED_DIR"):
         assert env.get(key), f"{key} missing in /etc/morag/morag.env"
     if facts.is_server:
-        assert env.get("MORAG_API_KEYS")
+        # In api.env, which only the API's user reads (test_os_users.py), not in morag.env.
+        assert "MORAG_API_KEYS" not in env, "the workers on the server must not get the API keys"
+        assert facts.api_env().get("MORAG_API_KEYS")
     else:
         assert "MORAG_API_KEYS" not in env, "API keys belong on the server only"
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 ENV_FILE = "/etc/morag/morag.env"  # as in conftest.py
+API_ENV_FILE = "/etc/morag/api.env"
 TOKEN_FILE = "/etc/prometheus/morag-metrics-token"
 
 
@@ -25,9 +26,14 @@ def _http(host, url: str, auth: str | None = None, ca: str | None = None):
         "context = ssl.create_default_context(cafile=ca) if ca else None\n"
         f"auth, env = {auth!r}, {{}}\n"
         "if auth:\n"
-        f"    for line in open({ENV_FILE!r}):\n"
-        "        k, _, v = line.strip().partition('=')\n"
-        "        env[k] = v.strip('\"')\n"
+        f"    for name in ({ENV_FILE!r}, {API_ENV_FILE!r}):\n"
+        "        try:\n"
+        "            lines = open(name).read().splitlines()\n"
+        "        except FileNotFoundError:\n"
+        "            lines = []\n"
+        "        for line in lines:\n"
+        "            k, _, v = line.strip().partition('=')\n"
+        "            env[k] = v.strip('\"')\n"
         "key = env.get('MORAG_API_KEYS', '').split(',')[0]\n"
         "headers = {\n"
         "    None: {},\n"
@@ -80,7 +86,7 @@ def _api_metrics_url(server) -> tuple[str, str | None]:
 
 
 def test_metrics_refuse_anything_but_the_bearer_token(server):
-    env = server.env()
+    env = server.api_env()
     url, ca = _api_metrics_url(server)
     status, _ = _http(server.host, url, ca=ca)
     if not env.get("MORAG_METRICS_TOKEN"):
@@ -109,7 +115,7 @@ def test_token_file_is_private_and_matches_the_api(prometheus):
         f = server.host.file(TOKEN_FILE)
         assert (f.user, f.group, f.mode) == ("root", "prometheus", 0o640)
         token = f.content_string.strip()
-    expected = server.env().get("MORAG_METRICS_TOKEN", "")
+    expected = server.api_env().get("MORAG_METRICS_TOKEN", "")
     same = hashlib.sha256(token.encode()).digest() == hashlib.sha256(expected.encode()).digest()
     assert same and token, "Prometheus' token file differs from the API's MORAG_METRICS_TOKEN"
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import wave
 from pathlib import Path
 
 import httpx
@@ -321,6 +322,94 @@ def failover() -> int:
     return 0
 
 
+def long_speech(seconds: float = 200) -> Path:
+    """A recording of about `seconds` (below the workers' split threshold, 300 s)."""
+    wav = Path(tempfile.gettempdir()) / "morag-lab-long-speech.wav"
+    text = " ".join([SENTENCE] * 60)
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(wav), text], check=True)
+    with wave.open(str(wav)) as w:
+        length = w.getnframes() / w.getframerate()
+    if length > seconds:
+        trimmed = wav.with_suffix(".trim.wav")
+        subprocess.run(["sox", str(wav), str(trimmed), "trim", "0", str(seconds)], check=True)
+        trimmed.replace(wav)
+    return wav
+
+
+def journal(container: str, unit: str = "morag-worker@*") -> str:
+    return docker(
+        "exec", container, "journalctl", "-u", unit, "--no-pager", "-o", "cat", check=False
+    ).stdout
+
+
+def partition() -> int:
+    """A GPU worker cut off the network (docker network disconnect) during a long job: the
+    job completes once elsewhere, and the cut-off worker's late result is discarded."""
+    wait_for(lambda: len(gpu_consumers()) == 2, 180, "both GPU workers")
+    wav = long_speech()
+    with client() as c, open(wav, "rb") as f:
+        resp = c.post(
+            "/api/v1/ingest/file",
+            files={"file": (wav.name, f, "audio/wav")},
+            data={"gpu": "true"},
+        )
+    if resp.status_code != 202:
+        raise SystemExit(f"submit failed: {resp.status_code} {resp.text}")
+    task_id = resp.json()["task_id"]
+
+    def status() -> dict:
+        with client() as c:
+            return c.get(f"/api/v1/status/{task_id}").json()
+
+    def running_on_gpu():
+        job = status()
+        attempt = (job.get("attempts") or [{}])[-1]
+        if job["status"] == "running" and attempt.get("worker", "").startswith("gpu"):
+            return job
+        assert job["status"] in ("queued", "running"), f"job ended before the cut: {job}"
+        return None
+
+    job = wait_for(running_on_gpu, 180, f"job {task_id} running on a GPU worker", 0.2)
+    worker = job["attempts"][-1]["worker"]
+    container = worker.split("@", 1)[1]
+    assert container in GPU_WORKERS, worker
+    log(f"partition: job {task_id} runs on {worker}: docker network disconnect {container}")
+    cut = time.monotonic()
+    docker("network", "disconnect", NETWORK, container)
+    try:
+        final = wait_for(
+            lambda: (j := status())["status"] in ("succeeded", "failed", "cancelled") and j,
+            600,
+            f"job {task_id} to end without {container}",
+            0.5,
+        )
+        log(f"   ended {final['status']} {time.monotonic() - cut:.0f}s after the cut")
+    finally:
+        docker("network", "connect", NETWORK, container)
+    assert final["status"] == "succeeded", describe(final)
+    last = final["attempts"][-1]
+    assert not last["worker"].endswith("@" + container), final["attempts"]
+    assert final["attempts"][0]["worker"] == worker, final["attempts"]
+    log(f"   completed once elsewhere: {last['worker']} via {last['queue']}")
+    log(f"   attempts: {[(a['worker'], a.get('error')) for a in final['attempts']]}")
+    # Back on the network, the cut-off worker settles the job it held: it must not change it.
+    name = worker
+
+    def back_and_idle():
+        entry = next((w for w in workers() if w["name"] == name), None)
+        said = [line for line in journal(container).splitlines() if task_id in line]
+        return entry is not None and not entry.get("busy") and any("discarded" in s for s in said)
+
+    wait_for(back_and_idle, 600, f"{name} back, idle, and its result of the job discarded")
+    after = status()
+    for key in ("status", "result", "attempts", "error"):
+        assert after.get(key) == final.get(key), f"the late worker changed {key}: {after.get(key)}"
+    said = [line for line in journal(container).splitlines() if task_id in line]
+    log(f"   {name} on the job, after the cut: " + (said[-1] if said else "(nothing)"))
+    log("partition: all checks passed")
+    return 0
+
+
 def down() -> None:
     for name in CONTAINERS:
         if state(name) is not None:
@@ -337,7 +426,17 @@ def main() -> int:
     )
     parser.add_argument(
         "command",
-        choices=["up", "create", "provision", "idempotence", "demo", "failover", "down", "workers"],
+        choices=[
+            "up",
+            "create",
+            "provision",
+            "idempotence",
+            "demo",
+            "failover",
+            "partition",
+            "down",
+            "workers",
+        ],
     )
     parser.add_argument("-l", "--limit", help="idempotence: only these hosts")
     parser.add_argument("--tags", help="idempotence: only these tags")
@@ -363,6 +462,7 @@ def main() -> int:
         "provision": provision,
         "demo": demo,
         "failover": failover,
+        "partition": partition,
         "down": down,
     }[cmd]()
     return result or 0

@@ -373,7 +373,15 @@ def _record(rt: Runtime, task_id: str, owner: str, worker: str, outcome: Outcome
             path,
         )
         return False
-    if recorded and outcome.to_store:
+    if not recorded:
+        # Another attempt holds the job (requeued after this worker was lost, cancelled,
+        # ended elsewhere): its outcome stands, this one is dropped.
+        log.warning(
+            "job %s: this attempt's result is discarded: the job was requeued, cancelled or "
+            "ended meanwhile",
+            task_id,
+        )
+    elif outcome.to_store:
         dispatch(rt.store, task_id, STORE_QUEUE)
     return True
 
