@@ -44,6 +44,11 @@ secret() { python3 -c 'import secrets; print(secrets.token_hex(32))'; }
   echo "vault_redis_api_password: \"$(secret)\""
   echo "vault_redis_worker_password: \"$(secret)\""
   echo "vault_redis_store_password: \"$(secret)\""
+  # Redis with Sentinel (roles/redis, "Sentinel"; unused with one Redis).
+  echo "vault_redis_replication_password: \"$(secret)\""
+  echo "vault_redis_sentinel_auth_password: \"$(secret)\""
+  echo "vault_redis_sentinel_peer_password: \"$(secret)\""
+  echo "vault_redis_sentinel_client_password: \"$(secret)\""
 } | ANSIBLE_VAULT_PASSWORD_FILE=$password_file ansible-vault encrypt --output "$vault" -
 chmod 0600 "$vault"
 echo "wrote $vault (encrypted; ansible-vault view $vault shows it)"
