@@ -102,8 +102,9 @@ def test_without_liveness_channels_a_dead_worker_waits_for_its_ttl(
 
 PARENT = """
 import os, sys, time
+import redis
 from morag.liveness import Subscription
-sub = Subscription(sys.argv[1], "parent@test", 1.0)
+sub = Subscription(redis.Redis.from_url(sys.argv[1], health_check_interval=1), "parent@test")
 sub.start()
 assert sub.live_channel(), "not subscribed"
 child = os.fork()

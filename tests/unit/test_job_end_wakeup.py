@@ -69,7 +69,7 @@ def test_a_waiting_request_wakes_at_the_end_announced_by_the_worker(
 ) -> None:
     api = CountingStore(redis.Redis.from_url(urls["api"]))
     worker = JobStore(redis.Redis.from_url(urls["worker"]), ttl=600, lease_ttl=15)
-    listener = EndListener(urls["api"])
+    listener = EndListener(redis.Redis.from_url(urls["api"]))
     listener.start()
     try:
         wait_until(lambda: listener.live, 30, "the API's job end subscription")

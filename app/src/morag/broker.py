@@ -144,7 +144,9 @@ class QoS(kombu_redis.QoS):
         _count(ENVELOPE, "unacked")
 
 
-class Channel(kombu_redis.Channel):
+class _CheckingChannel:
+    """What both channels (plain Redis and Sentinel) add to kombu's."""
+
     QoS = QoS
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -167,10 +169,16 @@ class Channel(kombu_redis.Channel):
             return True
 
 
-class Transport(kombu_redis.Transport):
-    """kombu's Redis transport (same URL, options, TLS) that drops malformed messages."""
+class Channel(_CheckingChannel, kombu_redis.Channel):
+    pass
 
-    Channel = Channel
+
+class SentinelChannel(_CheckingChannel, kombu_redis.SentinelChannel):
+    pass
+
+
+class _CheckingTransport:
+    """What both transports add to kombu's: a malformed message is dropped."""
 
     def _deliver(self, message: Any, queue: str) -> None:
         problem = envelope_problem(message)
@@ -184,6 +192,18 @@ class Transport(kombu_redis.Transport):
             _count(ENVELOPE, queue)
             return
         super()._deliver(message, queue)
+
+
+class Transport(_CheckingTransport, kombu_redis.Transport):
+    """kombu's Redis transport (same URL, options, TLS) that drops malformed messages."""
+
+    Channel = Channel
+
+
+class SentinelTransport(_CheckingTransport, kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (``sentinel://`` URLs, ``master_name``), likewise."""
+
+    Channel = SentinelChannel
 
 
 def task_message_problem(message: Any) -> str | None:

@@ -9,9 +9,7 @@ it. Tasks are sent by name; `morag.tasks` and `morag.server_tasks` define them.
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -19,6 +17,7 @@ from kombu import Exchange, Queue
 
 from morag.config import CPU_QUEUE, DECLARED_QUEUES, STORE_QUEUE, Settings, get_settings
 from morag.jobs import JobStore
+from morag.redis_client import broker_settings
 
 log = logging.getLogger("morag.worker")
 
@@ -28,28 +27,27 @@ STORE_TASK = "morag.store_job"
 celery_app = Celery("morag", set_as_current=False)
 
 
-def _bare_rediss(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme == "rediss" and "ssl_" not in parts.query
-
-
 def celery_config(settings: Settings) -> dict[str, Any]:
-    url = settings.redis_url.get_secret_value()
+    # The URL, TLS and (with MORAG_REDIS_SENTINELS) kombu's Sentinel options.
+    broker = broker_settings(settings)
     transport = {
         # Above the longest job, or Redis hands a running job to a second worker.
         "visibility_timeout": settings.visibility_timeout,
         "socket_keepalive": True,
         "health_check_interval": 30,
+        **broker["broker_transport_options"],
     }
     return {
-        "broker_url": url,
-        # kombu's Redis transport and Celery's consumer, except that a malformed message
-        # pushed onto a queue is dropped with a log line instead of stopping the worker.
-        "broker_transport": "morag.broker:Transport",
+        **broker,
+        # kombu's Redis transport (its Sentinel transport with MORAG_REDIS_SENTINELS) and
+        # Celery's consumer, except that a malformed message pushed onto a queue is dropped
+        # with a log line instead of stopping the worker.
+        "broker_transport": (
+            "morag.broker:SentinelTransport"
+            if settings.redis_sentinels
+            else "morag.broker:Transport"
+        ),
         "worker_consumer": "morag.broker:Consumer",
-        # kombu picks TLS by the URL scheme only for its own transport names: rediss:// with
-        # no ssl_* options verifies the server, as redis-py does for MoRAG's other clients.
-        **({"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED}} if _bare_rediss(url) else {}),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,  # results live in the job record, not a result backend

@@ -638,8 +638,9 @@ def _heartbeats_from_redis() -> list[dict[str, Any]]:
     import redis
 
     from morag.fleet import read_heartbeats
+    from morag.redis_client import redis_client
 
-    client = redis.Redis.from_url(_settings().redis_url.get_secret_value())
+    client = redis_client(_settings())
     try:
         return read_heartbeats(client)
     except redis.RedisError as exc:

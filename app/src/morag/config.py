@@ -47,6 +47,32 @@ def _qdrant_url_problem(url: str, api_key: bool, ca_file: bool) -> str | None:
     return None
 
 
+def parse_host_port(entry: str, variable: str) -> tuple[str, int]:
+    """``host:port`` (``[v6 address]:port``) as (host, port); ValueError naming ``variable``."""
+    host, sep, port = entry.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    problem = None
+    if not sep or not host or not port:
+        problem = "is not host:port"
+    elif not port.isdigit() or not 0 < int(port) < 65536:
+        problem = "has no valid port (1-65535)"
+    elif any(c in host for c in "/@?#[] ") or (":" in host) != (bracketed and _is_ip(host)):
+        problem = "has no valid host (an IPv6 address goes in brackets: [fd00::7]:26379)"
+    if problem:
+        raise ValueError(f"{variable}: {entry!r} {problem} (e.g. 10.0.0.5:26379)")
+    return host, int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -58,6 +84,20 @@ class Settings(BaseSettings):
 
     # Connections and secrets
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # Redis Sentinel (morag.redis_client): host:port of each Sentinel, comma-separated. Set,
+    # the primary of redis_sentinel_master is asked of them and redis_url keeps the scheme
+    # (rediss: TLS, also to the Sentinels), user, password, database and TLS options, its
+    # host and port unused. Empty: redis_url's host, as without Sentinel.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "morag"
+    # The ACL user clients log in to the Sentinels with (empty: none).
+    redis_sentinel_username: str = ""
+    redis_sentinel_password: SecretStr | None = None
+    # A submission is answered 202 only once this many replicas acknowledged its record and
+    # outbox entry (WAIT, at most redis_wait_timeout_ms); fewer: 503 and the job is withdrawn.
+    # 0: no WAIT (a primary lost right after a 202 may take the job with it).
+    redis_min_replicas: int = Field(default=0, ge=0)
+    redis_wait_timeout_ms: int = Field(default=500, gt=0)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     worker_token: SecretStr | None = None
     # Bearer token Prometheus sends to GET /metrics; unset: /metrics answers 404.
@@ -194,10 +234,17 @@ class Settings(BaseSettings):
     # Test hook: lets a job's options ask for a fault (crash, cuda_oom, slow:N). Never in prod.
     fault_injection: bool = False
 
-    @field_validator("api_keys", "url_allowlist", mode="before")
+    @field_validator("api_keys", "url_allowlist", "redis_sentinels", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_host_port(entry, "MORAG_REDIS_SENTINELS")
+        return value
 
     @model_validator(mode="after")
     def _delivery_is_consistent(self) -> Settings:
@@ -216,6 +263,13 @@ class Settings(BaseSettings):
                 "MORAG_API_TLS_CERT_FILE and MORAG_API_TLS_KEY_FILE go together: set both "
                 "(HTTPS) or neither (plain HTTP)"
             )
+        if self.redis_sentinels:
+            scheme = urlsplit(self.redis_url.get_secret_value()).scheme
+            if scheme not in ("redis", "rediss"):
+                raise ValueError(
+                    "MORAG_REDIS_SENTINELS needs a redis:// or rediss:// MORAG_REDIS_URL "
+                    f"(its user, password, database and TLS options), not {scheme}://"
+                )
         if self.qdrant_url:
             problem = _qdrant_url_problem(
                 self.qdrant_url, self.qdrant_api_key is not None, self.qdrant_ca_file is not None
@@ -237,6 +291,10 @@ class Settings(BaseSettings):
         if self.api_ca_file is None:
             return True
         return ssl.create_default_context(cafile=str(self.api_ca_file))
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """MORAG_REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""
+        return [parse_host_port(e, "MORAG_REDIS_SENTINELS") for e in self.redis_sentinels]
 
     def api_key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]

@@ -26,11 +26,16 @@ from dataclasses import dataclass, field
 
 import redis
 
+from morag.redis_client import on_current_primary
+
 log = logging.getLogger("morag.job_events")
 
 PREFIX = "morag:ended:"
 _READ_TIMEOUT = 1.0  # how long a blocking read waits before it looks at the stop flag
 _RETRY_MAX = 2.0
+PRIMARY_CHECK = 3.0  # seconds between asking Sentinel whether the primary moved
+# The listener's own client: keepalive and a PING every 30 s on an idle connection.
+CLIENT_OPTIONS = {"socket_keepalive": True, "health_check_interval": 30}
 _refusal_logged_until = [0.0]  # monotonic time before which a PUBLISH refusal is not logged
 
 
@@ -75,10 +80,11 @@ class Waiter:
 class EndListener:
     """The API process's subscription to ``channel(db)``, and the requests waiting on it."""
 
-    def __init__(self, url: str) -> None:
-        # Its own connection (a subscribed connection takes no other command), as the API's
-        # Redis user; keepalive and a periodic PING notice a Redis host that vanished.
-        self.client = redis.Redis.from_url(url, socket_keepalive=True, health_check_interval=30)
+    def __init__(self, client: redis.Redis) -> None:
+        # Its own client (a subscribed connection takes no other command), as the API's
+        # Redis user; keepalive and a periodic PING (``CLIENT_OPTIONS``) notice a Redis host
+        # that vanished, and with Sentinel a check every PRIMARY_CHECK seconds a failover.
+        self.client = client
         self.channel = channel(_db(self.client))
         self._waiters: dict[str, set[Waiter]] = {}
         self._lock = threading.Lock()
@@ -157,8 +163,13 @@ class EndListener:
         pubsub = self.client.pubsub()
         try:
             pubsub.subscribe(self.channel)
+            next_check = time.monotonic() + PRIMARY_CHECK
             while not self._stopped.is_set():
                 message = pubsub.get_message(timeout=_READ_TIMEOUT)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + PRIMARY_CHECK
+                    if not on_current_primary(self.client, pubsub.connection):
+                        raise redis.ConnectionError("Sentinel names another primary now")
                 if message is None:
                     continue
                 if message.get("type") == "subscribe":

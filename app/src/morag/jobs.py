@@ -23,6 +23,7 @@ import redis
 
 from morag import job_events, metrics
 from morag.job_record import TERMINAL, Attempt, JobRecord, JobStatus, Result, Route, Source
+from morag.redis_client import replicated_transaction
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     JobStatus.queued,
@@ -99,6 +100,16 @@ def new_record(
     )
 
 
+class NotReplicated(Exception):
+    """A transaction applied on the Redis primary that fewer than ``wanted`` replicas
+    acknowledged within ``wait_ms`` (WAIT): a failover now could lose it."""
+
+    def __init__(self, acked: int, wanted: int, wait_ms: int, error: str | None) -> None:
+        self.acked, self.wanted, self.wait_ms, self.error = acked, wanted, wait_ms, error
+        why = f"WAIT failed: {error}" if error else f"{acked} of {wanted} within {wait_ms} ms"
+        super().__init__(f"not acknowledged by enough Redis replicas ({why})")
+
+
 @dataclass(frozen=True)
 class Claim:
     """Outcome of a worker trying to start a delivered job."""
@@ -143,12 +154,16 @@ class JobStore:
         *,
         batch_id: str | None = None,
         reserve: tuple[str, str, int] | None = None,
+        replicas: int = 0,
+        wait_ms: int = 500,
     ) -> bytes | None:
         """Write new records, their outbox entries and (``batch_id``) the batch record in one
         MULTI/EXEC: all of them or none. ``reserve`` (key, value, ttl seconds) is written in
         the same transaction, only while that key does not exist (it is WATCHed: of two
         concurrent writers one wins); when it exists nothing is written and its value is
-        returned (an Idempotency-Key already used)."""
+        returned (an Idempotency-Key already used). ``replicas``: then WAIT up to
+        ``wait_ms`` for that many replicas to acknowledge the transaction; NotReplicated
+        (the records stand on the primary) when fewer did."""
         found: dict[str, bytes | None] = {"value": None}
 
         def txn(pipe: redis.client.Pipeline) -> None:
@@ -168,7 +183,15 @@ class JobStore:
             if reserve is not None:
                 pipe.set(reserve[0], reserve[1], ex=reserve[2])
 
-        self.r.transaction(txn, *([reserve[0]] if reserve else []))
+        watches = [reserve[0]] if reserve else []
+        if replicas <= 0:
+            self.r.transaction(txn, *watches)
+            return found["value"]
+        acked, error = replicated_transaction(
+            self.r, txn, *watches, replicas=replicas, timeout_ms=wait_ms
+        )
+        if found["value"] is None and acked < replicas:
+            raise NotReplicated(acked, replicas, wait_ms, error)
         return found["value"]
 
     def withdraw(

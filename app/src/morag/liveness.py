@@ -17,8 +17,11 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 import redis
+
+from morag.redis_client import on_current_primary
 
 log = logging.getLogger("morag.liveness")
 
@@ -26,6 +29,7 @@ PREFIX = "morag:alive:"
 # How long a blocking read waits before it looks at the stop flag again.
 _READ_TIMEOUT = 1.0
 _RETRY_MAX = 1.0  # a Redis back from an outage gets the subscription within a second
+PRIMARY_CHECK = 3.0  # seconds between asking Sentinel whether the primary moved
 
 
 def channel(name: str, db: int = 0) -> str:
@@ -41,16 +45,16 @@ class Subscription:
 
     ``live_channel()`` is the channel only while Redis confirmed the subscription: the
     heartbeat advertises it only then, so a reader never takes a worker whose subscription
-    is not (yet) there for dead."""
+    is not (yet) there for dead.
 
-    def __init__(self, url: str, name: str, health_check_interval: float) -> None:
-        # Keepalive and a periodic PING: a Redis host that vanished is noticed and the
-        # subscription made again on the next one.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_keepalive=True,
-            health_check_interval=max(1, int(health_check_interval)),
-        )
+    ``client`` (morag.redis_client, its own: a subscribed connection takes no other command)
+    should have keepalive and a periodic PING, so that a Redis host that vanished is noticed
+    and the subscription made again on the next one. With Sentinel the subscription also
+    moves to a new primary within ``PRIMARY_CHECK`` seconds of a failover, even when the old
+    one froze without closing its connections (readers count subscribers on the new one)."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        self.client = client
         self.channel = channel(
             name, int(self.client.connection_pool.connection_kwargs.get("db") or 0)
         )
@@ -102,10 +106,15 @@ class Subscription:
         pubsub = self.client.pubsub()
         self._pubsub = pubsub
         pubsub.subscribe(self.channel)
+        next_check = time.monotonic() + PRIMARY_CHECK
         while not self._stopped.is_set():
             message = pubsub.get_message(timeout=_READ_TIMEOUT)
             if message is not None and message.get("type") == "subscribe":
                 self._subscribed.set()  # Redis confirmed it (also after a reconnect)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + PRIMARY_CHECK
+                if not on_current_primary(self.client, pubsub.connection):
+                    raise redis.ConnectionError("Sentinel names another primary now")
         self._drop()
 
     def _drop(self) -> None:

@@ -19,6 +19,7 @@ from morag.config import Settings, get_settings
 from morag.devices import EX_CONFIG, DeviceInfo, DeviceUnavailable
 from morag.jobs import JobStore
 from morag.processors.audio import compute_type_for
+from morag.redis_client import redis_client
 
 log = logging.getLogger("morag.worker")
 
@@ -83,7 +84,7 @@ def get_runtime() -> Runtime:
     global _runtime
     if _runtime is None or _runtime.pid != os.getpid():
         settings = get_settings()
-        client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        client = redis_client(settings)
         store = job_store(client, settings)
         _runtime = Runtime(settings, client, store, decide_device(settings), os.getpid())
     return _runtime

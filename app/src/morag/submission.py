@@ -21,9 +21,10 @@ from morag.fleet import CachedFleet
 from morag.idempotency import Idempotency
 from morag.job_events import EndListener
 from morag.job_record import JobRecord, Source
-from morag.jobs import CANCELLED, JobStore, new_record
+from morag.jobs import CANCELLED, JobStore, NotReplicated, new_record
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
+from morag.redis_client import redis_client
 from morag.routing import decide_route
 from morag.runtime import job_store
 from morag.webhooks import notify_end, webhook_view
@@ -79,9 +80,7 @@ class Services:
 
 
 def build_services(settings: Settings) -> Services:
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=5, health_check_interval=30
-    )
+    client = redis_client(settings, socket_timeout=5, health_check_interval=30)
     fleet = CachedFleet(client, settings.fleet_cache_seconds, settings.liveness_interval)
     return Services(
         settings=settings,
@@ -236,7 +235,10 @@ def admit(
     """Write ``records`` (and the batch record, and ``idem``'s key) in one MULTI/EXEC, then
     send their messages. All or nothing: when Redis or the broker refuses, every record is
     withdrawn (BrokerUnavailable, 503: none of them runs, ever); when that cannot be
-    confirmed the records stand and the outbox sends them (answered as accepted)."""
+    confirmed the records stand and the outbox sends them (answered as accepted). With
+    MORAG_REDIS_MIN_REPLICAS the write counts only once that many replicas acknowledged it
+    (WAIT on the connection that wrote it): fewer, and the records are withdrawn likewise."""
+    settings = services.settings
     ids = [r.task_id for r in records]
     # A concurrent request with the same key may still be sending: wait for its answer.
     patience = time.monotonic() + min(services.settings.outbox_grace, 10.0)
@@ -248,8 +250,42 @@ def admit(
     # in between, a worker's reconciler sends them after the grace.
     while True:
         try:
-            existing = services.store.create_all(records, batch_id=batch_id, reserve=reserve)
+            existing = services.store.create_all(
+                records,
+                batch_id=batch_id,
+                reserve=reserve,
+                replicas=settings.redis_min_replicas,
+                wait_ms=settings.redis_wait_timeout_ms,
+            )
+        except NotReplicated as exc:
+            # On the primary only: a failover now would lose the jobs after a 202. Withdrawn
+            # before anything is sent, so none of them runs (unless a worker already took
+            # one, which only a reconciler past the outbox grace could have sent).
+            reason = f"Redis did not copy the job to enough replicas: {exc}"
+            log.warning("jobs %s refused: %s", ",".join(ids), reason)
+            outcome = _take_back(services, ids, reason, batch_id, reserve)
+            if outcome is None:
+                raise SubmissionUnknown(
+                    f"Redis stopped answering while the job was withdrawn ({exc}): it may "
+                    f"or may not exist (job ids {', '.join(ids)}); retry with the same "
+                    "Idempotency-Key"
+                ) from exc
+            if outcome:
+                raise BrokerUnavailable(
+                    f"the job store could not copy the job to {exc.wanted} Redis "
+                    f"replica(s) ({exc.acked} acknowledged within {exc.wait_ms} ms"
+                    f"{'; ' + exc.error if exc.error else ''}): it was not accepted and "
+                    "will not run; try again later"
+                ) from exc
+            return Admission(records, batch_id)
         except redis.RedisError as exc:
+            if _too_few_replicas(exc):
+                # min-replicas-to-write: the primary discarded the whole transaction.
+                log.warning("jobs %s refused: %s", ",".join(ids), exc)
+                raise BrokerUnavailable(
+                    "the job store has fewer Redis replicas than it requires to take writes "
+                    "(NOREPLICAS): the job was not accepted and will not run; try again later"
+                ) from exc
             # The EXEC may have been applied before the connection failed: take it back.
             reason = f"Redis did not take the job: {type(exc).__name__}: {exc}"
             log.warning("jobs %s refused: %s", ",".join(ids), reason)
@@ -295,6 +331,12 @@ def admit(
         except redis.RedisError:
             log.warning("jobs %s: their Idempotency-Key stays 'sending'", ",".join(ids))
     return Admission(records, batch_id)
+
+
+def _too_few_replicas(exc: redis.RedisError) -> bool:
+    """A primary with fewer good replicas than its min-replicas-to-write refused the write
+    (nothing of the transaction was applied)."""
+    return isinstance(exc, redis.ResponseError) and "NOREPLICAS" in str(exc)
 
 
 def _take_back(

@@ -26,6 +26,7 @@ from morag.config import CPU_QUEUE, GPU_QUEUE, STORE_QUEUE, Settings, get_settin
 from morag.job_record import JobRecord
 from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL, waited_queued
 from morag.processors.registry import advertised_types
+from morag.redis_client import redis_client
 from morag.routing import WORKER_LOST, decide_rescue, decide_route
 from morag.runtime import decide_device, job_store
 
@@ -52,11 +53,17 @@ class Supervisor:
         self.device = decide_device(settings)
         # Checked once: a worker whose Whisper model cannot load offers no audio/video/youtube.
         self.processors = list(advertised_types(settings.whisper_model))
-        self.redis = redis.Redis.from_url(settings.redis_url.get_secret_value())
-        # Held while this process lives; dies with it (morag.liveness).
+        self.redis = redis_client(settings)
+        # Held while this process lives; dies with it (morag.liveness). Its own client, with
+        # keepalive and a periodic PING: a Redis host that vanished is noticed.
         self.liveness = (
             liveness.Subscription(
-                settings.redis_url.get_secret_value(), self.hostname, settings.heartbeat_interval
+                redis_client(
+                    settings,
+                    socket_keepalive=True,
+                    health_check_interval=max(1, int(settings.heartbeat_interval)),
+                ),
+                self.hostname,
             )
             if settings.liveness_channel
             else None

@@ -16,6 +16,7 @@ from morag.celery_app import PROCESS_TASK, celery_app
 from morag.config import CPU_QUEUE, get_settings
 from morag.execution import run_job
 from morag.job_record import JobStatus
+from morag.redis_client import redis_client
 from morag.runtime import get_runtime, job_store, require_device
 from morag.supervisor import current_hostname, drain_supervisor, start_supervisor
 from morag.webhooks import notify_end
@@ -68,7 +69,7 @@ def _on_task_failure(
         return
     settings = get_settings()
     try:
-        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+        client = redis_client(settings, socket_timeout=5)
         try:
             store = job_store(client, settings)
             record = store.fail_timed_out(task_id, current_hostname(), settings.job_time_limit)

@@ -10,7 +10,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from morag import __version__
+from morag import __version__, job_events
 from morag.api import errors, http_metrics
 from morag.api.guard import RequestGuard
 from morag.api.routers import (
@@ -27,6 +27,7 @@ from morag.api.routers import (
 )
 from morag.config import Settings, get_settings
 from morag.job_events import EndListener
+from morag.redis_client import redis_client
 from morag.submission import build_services
 from morag.webhooks import UNSIGNED_NOTE, secret_of
 
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = services = build_services(settings)
         # Wakes the requests waiting for a job at its end (morag.job_events).
-        services.job_ends = EndListener(settings.redis_url.get_secret_value())
+        services.job_ends = EndListener(redis_client(settings, **job_events.CLIENT_OPTIONS))
         services.job_ends.start()
         if secret_of(settings) is None:
             log.warning(UNSIGNED_NOTE)

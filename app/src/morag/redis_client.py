@@ -1,0 +1,243 @@
+"""How every MoRAG process reaches Redis: the one place Redis clients and the broker URL are
+built from the settings.
+
+Without Sentinel (``MORAG_REDIS_SENTINELS`` empty) a client is ``MORAG_REDIS_URL`` as it
+stands. With Sentinel, the URL still gives the scheme (``rediss``: TLS), user, password,
+database and TLS options (``ssl_ca_certs``, ``ssl_cert_reqs``), and the primary's address is
+asked of the Sentinels (``redis.sentinel``): a connection made after a failover goes to the
+new primary, and one that finds a demoted primary (READONLY) is dropped and made again. The
+Sentinels are reached with the same TLS options and their own ACL user
+(``MORAG_REDIS_SENTINEL_USERNAME``/``_PASSWORD``). Celery reaches them through kombu's
+Sentinel transport (``broker_settings``).
+
+A client of a Sentinel-found primary also gets a socket timeout and two retries (unless
+the caller sets them): a primary that froze without closing its connections (a hung host,
+a partition) would otherwise hold a command forever while Sentinel promotes a replica, and
+the command that found the old primary gone is sent again to the new one. Pub/Sub
+subscribers check ``on_current_primary`` now and then for the same reason: a subscribed
+connection waits for messages, and a frozen old primary sends none and no error either.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.client import Pipeline
+from redis.connection import parse_url
+from redis.retry import Retry
+from redis.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+
+from morag.config import Settings
+
+# Seconds a command may wait on a Sentinel-found primary before its connection is dropped
+# and made again (to the primary the Sentinels name then), when the caller sets none.
+SENTINEL_SOCKET_TIMEOUT = 5.0
+# Connections to the Sentinels themselves: a Sentinel that does not answer is skipped.
+SENTINEL_QUERY_TIMEOUT = 2.0
+# kombu's checks of its BRPOP and pub/sub connections, seconds (morag.celery_app); with
+# Sentinel shorter than without, so a consumer left on a frozen old primary moves within
+# about 1 + 2 x this (celery#6348).
+SENTINEL_BROKER_HEALTH_CHECK = 5
+
+_SSL_CERT_REQS = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+
+
+def _url_options(settings: Settings) -> dict[str, Any]:
+    """MORAG_REDIS_URL's connection options, without its address (the Sentinels give it)."""
+    options = parse_url(settings.redis_url.get_secret_value())
+    options.pop("host", None)
+    options.pop("port", None)
+    tls = options.pop("connection_class", None) is redis.SSLConnection
+    if tls:
+        options["ssl"] = True
+    return options
+
+
+def _tls_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k == "ssl" or k.startswith("ssl_")}
+
+
+def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection options of the Sentinels: their ACL user, MORAG_REDIS_URL's TLS options."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": SENTINEL_QUERY_TIMEOUT,
+        "socket_connect_timeout": SENTINEL_QUERY_TIMEOUT,
+        **_tls_options(_url_options(settings)),
+    }
+    password = settings.redis_sentinel_password
+    if settings.redis_sentinel_username:
+        kwargs["username"] = settings.redis_sentinel_username
+    if password is not None and password.get_secret_value():
+        kwargs["password"] = password.get_secret_value()
+    return kwargs
+
+
+class _FollowingConnection:
+    """redis-py's Sentinel-managed connection asks the Sentinels for the primary when the
+    pool hands it out, but a command retried on the same connection (a timeout, a reset,
+    READONLY from a demoted primary) reconnected to the address it had: a frozen old primary
+    again. Here any reconnect asks the Sentinels first."""
+
+    _addressed = False  # inside connect_to: the address was just asked for
+
+    def connect_to(self, address: Any) -> None:
+        self._addressed = True
+        try:
+            super().connect_to(address)
+        finally:
+            self._addressed = False
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        if getattr(self, "_sock", None) is not None or self._addressed:
+            return super().connect_check_health(check_health, retry_socket_connect)
+        return self.connect()
+
+
+class _Connection(_FollowingConnection, SentinelManagedConnection):
+    pass
+
+
+class _SSLConnection(_FollowingConnection, SentinelManagedSSLConnection):
+    pass
+
+
+def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
+    """A client of the Redis primary; ``kwargs`` are redis-py connection options
+    (socket_timeout, health_check_interval, ...)."""
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    kwargs.setdefault("socket_timeout", SENTINEL_SOCKET_TIMEOUT)
+    # A command that met the old primary (connection refused or reset, READONLY, timed out)
+    # is sent again, on a connection to the primary the Sentinels name by then.
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.25, cap=1.0), 2))
+    options = _url_options(settings)
+    options["connection_class"] = _SSLConnection if options.pop("ssl", False) else _Connection
+    sentinel = Sentinel(
+        settings.sentinel_addresses(), sentinel_kwargs=sentinel_kwargs(settings), **options
+    )
+    return sentinel.master_for(settings.redis_sentinel_master, **kwargs)
+
+
+def on_current_primary(client: redis.Redis, connection: Any) -> bool:
+    """Whether ``connection`` (of ``client``'s pool, e.g. a PubSub's) still talks to the
+    primary the Sentinels name; always True without Sentinel. Asks a Sentinel: call it
+    every few seconds, not per command. A Sentinel error counts as True (nothing to act on)."""
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool) or connection is None:
+        return True
+    if getattr(connection, "_sock", None) is None:
+        return True  # not connected: its next connect asks the Sentinels anyway
+    try:
+        address = pool.get_master_address()
+    except redis.ConnectionError:
+        return True
+    return (connection.host, int(connection.port)) == (address[0], int(address[1]))
+
+
+def broker_settings(settings: Settings) -> dict[str, Any]:
+    """Celery's broker_url, broker_transport_options (Sentinel's only: the caller adds its
+    own) and broker_use_ssl, for kombu's Redis transport or, with Sentinel, its Sentinel
+    transport (``sentinel://`` URLs, one per Sentinel, each with the user, password and
+    database: kombu takes them from whichever Sentinel it connects through)."""
+    url = settings.redis_url.get_secret_value()
+    if not settings.redis_sentinels:
+        # kombu picks TLS by the URL scheme only for its own transport names: rediss://
+        # with no ssl_* options verifies the server, as redis-py does for the other clients.
+        bare_rediss = urlsplit(url).scheme == "rediss" and "ssl_" not in urlsplit(url).query
+        return {
+            "broker_url": url,
+            "broker_transport_options": {},
+            **({"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED}} if bare_rediss else {}),
+        }
+    parts = urlsplit(url)
+    options = _url_options(settings)
+    auth = ""
+    if parts.username or parts.password:
+        user = quote(unquote(parts.username or ""), safe="")
+        auth = f"{user}:{quote(unquote(parts.password or ''), safe='')}@"
+    db = int(options.get("db") or 0)
+    broker_url = ";".join(
+        f"sentinel://{auth}{f'[{host}]' if ':' in host else host}:{port}/{db}"
+        for host, port in settings.sentinel_addresses()
+    )
+    result: dict[str, Any] = {
+        "broker_url": broker_url,
+        "broker_transport_options": {
+            "master_name": settings.redis_sentinel_master,
+            "sentinel_kwargs": sentinel_kwargs(settings),
+            "socket_timeout": SENTINEL_SOCKET_TIMEOUT,
+            "health_check_interval": SENTINEL_BROKER_HEALTH_CHECK,
+        },
+    }
+    tls = _tls_options(options)
+    if tls.pop("ssl", False):
+        reqs = tls.get("ssl_cert_reqs", "required")
+        tls["ssl_cert_reqs"] = _SSL_CERT_REQS.get(reqs, reqs) if isinstance(reqs, str) else reqs
+        result["broker_use_ssl"] = tls
+    return result
+
+
+# -- WAIT: a transaction acknowledged by replicas -------------------------------------------
+
+
+class _WaitingPipeline(Pipeline):
+    """A MULTI/EXEC pipeline that, right after a successful EXEC and on the same connection
+    (WAIT counts the writes of its own connection), waits for ``replicas`` replicas to
+    acknowledge it for at most ``timeout_ms``. ``acked``: how many did; ``error``: why WAIT
+    itself failed (then ``acked`` is 0)."""
+
+    def __init__(self, client: redis.Redis, replicas: int, timeout_ms: int) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, True, None)
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        self.acked = 0
+        self.error: str | None = None
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> Any:
+        response = super()._execute_transaction(connection, commands, raise_on_error)
+        if commands:
+            try:
+                connection.send_command("WAIT", self.replicas, self.timeout_ms)
+                # The reply comes after the timeout at the latest; a margin for a busy server.
+                self.acked = int(connection.read_response(timeout=self.timeout_ms / 1000 + 5))
+            except (redis.RedisError, OSError) as exc:
+                # Never retried with the transaction: it is applied; only its copies are unknown.
+                self.acked, self.error = 0, f"{type(exc).__name__}: {exc}"
+        return response
+
+
+def replicated_transaction(
+    client: redis.Redis,
+    func: Callable[[Pipeline], None],
+    *watches: str,
+    replicas: int,
+    timeout_ms: int,
+) -> tuple[int, str | None]:
+    """``client.transaction(func, *watches)``, then ``WAIT replicas timeout_ms`` on the
+    connection that ran it: (how many replicas acknowledged it, why WAIT failed or None).
+    An EXEC with nothing queued waits for nothing: (replicas, None)."""
+    with _WaitingPipeline(client, replicas, timeout_ms) as pipe:
+        while True:
+            try:
+                if watches:
+                    pipe.watch(*watches)
+                func(pipe)
+                pipe.acked, pipe.error = replicas, None  # unless an EXEC with commands says
+                pipe.execute()
+                return pipe.acked, pipe.error
+            except redis.WatchError:
+                continue

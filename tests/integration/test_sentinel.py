@@ -1,0 +1,248 @@
+"""Redis Sentinel (issue 19 items 1 and 2), on a real primary, two replicas and three
+Sentinels (tests/integration/sentinel.py: the role's ACL users, TLS on every link):
+
+- every client MoRAG builds finds the primary through the Sentinels and follows a failover,
+  also when the old primary froze without closing its connections (Pub/Sub subscribers
+  included: they would otherwise wait on it for ever);
+- a real Celery worker consuming through ``sentinel://`` keeps consuming after its primary
+  is killed (celery#6348), and so does the API's sending of jobs;
+- with MORAG_REDIS_MIN_REPLICAS=1 a submission is answered 202 only once a replica has its
+  record (WAIT on the connection that wrote it): replicas frozen, 503 and the job never runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from morag import job_events, liveness
+from morag.config import Settings
+from morag.job_events import EndListener
+from morag.liveness import Subscription
+from morag.redis_client import redis_client, replicated_transaction
+
+from tests import redis_acl
+from tests.conftest import free_port
+from tests.integration.conftest import _dump_logs
+from tests.integration.sentinel import Node, SentinelCluster, sentinel_cluster
+from tests.integration.stack import Stack, wait_until
+
+WORKER = "cpu0@sentinel"
+
+
+def _settings(cluster: SentinelCluster, role: str, **extra: Any) -> Settings:
+    return Settings(redis_url=cluster.role_urls()[role], **cluster.settings(), **extra)
+
+
+def _subscribers(node: Node, channel: str) -> int:
+    try:
+        return int(dict(node.admin(socket_timeout=2).pubsub_numsub(channel))[channel.encode()])
+    except redis.RedisError:
+        return 0
+
+
+def _grant_wait(cluster: SentinelCluster) -> None:
+    """The API's user runs WAIT (MORAG_REDIS_MIN_REPLICAS); granted here while the redis role's
+    defaults do not list it yet (roles/redis must, for a site that sets min replicas)."""
+    if "wait" not in redis_acl.role_users()["api"].commands:
+        cluster.grant("api", "+wait")
+
+
+def test_clients_follow_a_failover_from_a_frozen_primary(tmp_path: Path) -> None:
+    with sentinel_cluster(tmp_path / "redis") as cluster:
+        old = cluster.primary()
+        settings = _settings(cluster, "worker")
+        client = redis_client(settings)
+        client.set("morag:job:before", "1")
+        assert old.admin().get("morag:job:before") == b"1"  # the primary, found by Sentinel
+
+        # WAIT on the connection that ran the MULTI/EXEC: how many replicas have it.
+        def write(pipe: Any) -> None:
+            pipe.multi()
+            pipe.incr("morag:job:counted")
+
+        admin = old.admin(socket_timeout=15)
+        paused = next(n for n in cluster.nodes if n is not old)
+        paused.pause()
+        try:
+            assert replicated_transaction(admin, write, replicas=2, timeout_ms=300) == (1, None)
+        finally:
+            paused.resume()
+        assert admin.get("morag:job:counted") == b"1"  # applied all the same
+        assert replicated_transaction(admin, write, replicas=2, timeout_ms=10_000) == (2, None)
+        assert paused.admin().get("morag:job:counted") == b"2"
+        # The subscribers: a worker's liveness channel, the API's job end listener.
+        sub = Subscription(redis_client(settings, health_check_interval=1), "w@sentinel")
+        ends = EndListener(redis_client(_settings(cluster, "api"), **job_events.CLIENT_OPTIONS))
+        sub.start()
+        ends.start()
+        try:
+            wait_until(lambda: sub.live_channel() and ends.live, 30, "both subscriptions")
+            assert _subscribers(old, liveness.channel("w@sentinel")) == 1
+            assert _subscribers(old, job_events.channel(0)) == 1
+
+            old.pause()  # frozen: its connections stay open, nothing answers
+            try:
+                new = cluster.wait_failover(old)
+                # A new client writes to the new primary at once.
+                redis_client(settings).set("morag:job:after", "2")
+                assert new.admin().get("morag:job:after") == b"2"
+                # Both subscriptions move to the new primary (readers count them there),
+                # although the frozen one never closed their connections.
+                wait_until(
+                    lambda: (
+                        _subscribers(new, liveness.channel("w@sentinel")) == 1
+                        and _subscribers(new, job_events.channel(0)) == 1
+                    ),
+                    30,
+                    "the subscriptions on the new primary",
+                )
+                assert sub.live_channel() and ends.live
+                # The client from before: its command on the frozen primary times out (the
+                # socket timeout a Sentinel client gets by default) instead of hanging for
+                # ever, and is sent again to the primary the Sentinels name now.
+                client.set("morag:job:old-client", "3")
+                assert new.admin().get("morag:job:old-client") == b"3"
+            finally:
+                old.resume()
+        finally:
+            sub.stop()
+            ends.stop()
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, SentinelCluster]]:
+    """The API and one CPU worker through the Sentinels; the API answers 202 only once one
+    replica has the job (MORAG_REDIS_MIN_REPLICAS=1)."""
+    root = tmp_path_factory.mktemp("ha")
+    with sentinel_cluster(root / "redis") as cluster:
+        _grant_wait(cluster)
+        stack = Stack(
+            cluster.admin_url(),
+            root,
+            free_port(),
+            users=cluster.role_urls(),
+            **cluster.settings(),
+            redis_min_replicas=1,
+            redis_wait_timeout_ms=500,
+            outbox_grace=1,  # a reconciler would send a stranded job at once
+            warmup="false",
+        )
+        stack.redis = cluster.admin()  # the tests' own reads follow the primary too
+        try:
+            stack.start({WORKER: "celery"})
+            yield stack, cluster
+        finally:
+            _dump_logs(stack)
+            stack.close()
+
+
+def _submit(stack: Stack, speech: Path) -> Any:
+    with stack.client() as c, open(speech, "rb") as f:
+        return c.post(
+            "/api/v1/ingest/file", files={"file": (speech.name, f)}, data={"gpu": "false"}
+        )
+
+
+def _record(stack: Stack, task_id: str) -> dict[str, Any]:
+    return json.loads(stack.redis.get(f"morag:job:{task_id}"))
+
+
+def test_a_submission_no_replica_acknowledged_is_refused_and_never_runs(
+    ha: tuple[Stack, SentinelCluster], speech_wav: Path
+) -> None:
+    stack, cluster = ha
+    primary = cluster.primary()
+    replicas = [n for n in cluster.nodes if n.proc is not None and n is not primary]
+    assert replicas
+    for node in replicas:
+        node.pause()  # connected as far as the primary knows, but acknowledging nothing
+    try:
+        refused = _submit(stack, speech_wav)
+    finally:
+        for node in replicas:
+            node.resume()
+    assert refused.status_code == 503, refused.text
+    body = refused.json()
+    assert "replica" in body["detail"] and "will not run" in body["detail"], body
+    [record] = [j for j in stack.jobs_in_redis() if j["status"] == "failed"]
+    assert record["error"].startswith("not accepted"), record
+    assert stack.redis.zscore("morag:outbox", record["task_id"]) is None
+
+    accepted = _submit(stack, speech_wav)
+    assert accepted.status_code == 202, accepted.text
+    assert stack.wait_job(accepted.json()["task_id"], timeout=90)["status"] == "succeeded"
+    # The worker and its reconcilers (outbox grace 1 s) had every chance: it never ran.
+    wait_until(lambda: stack.redis.zcard("morag:outbox") == 0, 30, "an empty outbox")
+    later = _record(stack, record["task_id"])
+    assert later["status"] == "failed" and later["attempts"] == [], later
+
+
+def test_a_primary_short_of_replicas_refuses_at_once(
+    ha: tuple[Stack, SentinelCluster], speech_wav: Path
+) -> None:
+    """min-replicas-to-write (the redis role sets it on a Sentinel primary): the primary
+    discards the whole transaction, and the API says so without writing or withdrawing."""
+    stack, cluster = ha
+    primary = cluster.primary().admin()
+    before = len(stack.jobs_in_redis())
+    primary.config_set("min-replicas-to-write", 3)  # more than there are
+    try:
+        refused = _submit(stack, speech_wav)
+    finally:
+        primary.config_set("min-replicas-to-write", 0)
+    assert refused.status_code == 503, refused.text
+    assert "NOREPLICAS" in refused.json()["detail"], refused.text
+    assert len(stack.jobs_in_redis()) == before  # nothing written
+
+
+def _runs_after_a_failover(stack: Stack, cluster: SentinelCluster, speech: Path) -> None:
+    new = cluster.primary()
+    stack.redis = cluster.admin()  # the tests' own client, not left on the old primary
+    # MORAG_REDIS_MIN_REPLICAS=1: the remaining replica follows the new primary first.
+    wait_until(lambda: cluster.replicas_of(new), 60, "a replica of the new primary")
+    after = _submit(stack, speech)
+    assert after.status_code == 202, after.text
+    job = stack.wait_job(after.json()["task_id"], timeout=90)
+    assert job["status"] == "succeeded", job
+    assert [a["worker"] for a in job["attempts"]] == [WORKER]
+    # The worker's heartbeat, liveness channel and the API's job end listener live on the
+    # new primary.
+    stack.wait_live(WORKER)
+    assert _subscribers(new, stack.heartbeat(WORKER)["liveness"]) == 1
+    wait_until(lambda: _subscribers(new, job_events.channel(0)) >= 1, 30, "the API's end listener")
+
+
+def test_a_worker_keeps_consuming_after_its_primary_is_killed(
+    ha: tuple[Stack, SentinelCluster], speech_wav: Path
+) -> None:
+    """A primary that dies (its connections closed): the consumer reconnects through the
+    Sentinels once they name the new primary."""
+    stack, cluster = ha
+    old = cluster.primary()
+    old.kill()
+    cluster.wait_failover(old)
+    try:
+        _runs_after_a_failover(stack, cluster, speech_wav)
+    finally:
+        cluster.rejoin(old)
+
+
+def test_a_worker_keeps_consuming_after_its_primary_froze(
+    ha: tuple[Stack, SentinelCluster], speech_wav: Path
+) -> None:
+    """celery#6348: a consumer whose primary stops answering without closing its connection
+    (a hung or cut-off host) waited on it for ever; kombu's BRPOP health check (every 5 s
+    with Sentinel) drops it, and the API's sends time out and go to the new primary."""
+    stack, cluster = ha
+    old = cluster.primary()
+    old.pause()
+    try:
+        cluster.wait_failover(old)
+        _runs_after_a_failover(stack, cluster, speech_wav)
+    finally:
+        old.resume()  # the Sentinels make it a replica of the new primary
