@@ -9,7 +9,7 @@ RUFF := $(VENV)/bin/ruff --config app/pyproject.toml
 STAMP := $(VENV)/.installed
 APT_PACKAGES := python3-venv python3-dev gcc redis-server ffmpeg espeak-ng sox \
                 tesseract-ocr tesseract-ocr-eng docker.io debootstrap libnfs-utils prometheus \
-                nftables
+                nftables haproxy
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 
 .PHONY: help deps venv lint ansible-lint syntax-check unit integration test bench lab lab-down lab-local \

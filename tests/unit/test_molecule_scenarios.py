@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Roles without a scenario, and where they are tested instead.
 NO_SCENARIO = {
     "nvidia_mig": "MIG needs a real GPU: tests/unit/test_nvidia_mig_layout.py",
+    # Without containers (CI time): the role's real haproxy.cfg run by a real haproxy in
+    # front of two APIs, and its preflight and keepalived configuration.
+    "haproxy": "tests/integration/test_haproxy.py, tests/unit/test_haproxy_role.py",
 }
 
 
