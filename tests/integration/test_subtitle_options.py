@@ -43,8 +43,10 @@ def _cues(text: str) -> list[tuple[float, float, list[str]]]:
         if lines[0].isdigit():  # SRT's cue number
             lines = lines[1:]
         t = [int(x) for x in TIMES.fullmatch(lines[0]).groups()]  # type: ignore[union-attr]
-        start = t[0] * 3600 + t[1] * 60 + t[2] + t[3] / 1000
-        end = t[4] * 3600 + t[5] * 60 + t[6] + t[7] / 1000
+        # Whole milliseconds, as the file and the result's segments have them (2 + 720 / 1000
+        # is 2.7199999999999998).
+        start = round(t[0] * 3600 + t[1] * 60 + t[2] + t[3] / 1000, 3)
+        end = round(t[4] * 3600 + t[5] * 60 + t[6] + t[7] / 1000, 3)
         cues.append((start, end, lines[1:]))
     return cues
 
