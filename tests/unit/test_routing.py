@@ -142,3 +142,29 @@ def test_liveness_unknown_falls_back_to_the_heartbeat_ttl() -> None:
     assert connected((old, GPU_LIVE), {"ch:gpu0": 0}) == (old,)
     assert connected((old, GPU_LIVE), None) == (old, GPU_LIVE)
     assert connected((GPU_LIVE,), {}) == ()  # a channel NUMSUB did not list: no subscriber
+
+
+def test_the_reason_names_a_few_capable_workers_and_counts_the_rest() -> None:
+    """At a thousand GPU workers the reason listed every name: 20 KB on every job record."""
+    capable = [WorkerView(f"gpu0@h{i:04d}", ("gpu-tasks",), ("audio",)) for i in range(1000)]
+    fleet = FleetSnapshot((*capable, WorkerView("gpu0@video-only", ("gpu-tasks",), ("video",))))
+    r = route(True, fleet)
+    assert r.code == "gpu_worker"
+    assert r.reason == "1000 live GPU worker(s): gpu0@h0000, gpu0@h0001, gpu0@h0002 and 997 more"
+    assert route(True, FleetSnapshot(fleet.workers[:2])).reason == (
+        "2 live GPU worker(s): gpu0@h0000, gpu0@h0001"
+    )
+
+
+def test_a_snapshots_answers_are_computed_once_and_stay_right() -> None:
+    """Routing asks the same snapshot thousands of times a second: the consumers and the
+    capable workers are computed once per snapshot, and are the same answers as before."""
+    b = WorkerView("gpu0@b", ("gpu-tasks",), ("audio", "video"), liveness="ch:b")
+    a = WorkerView("gpu0@a", ("gpu-tasks",), ("audio",), liveness="ch:a")
+    fleet = FleetSnapshot((b, CPU, a))
+    assert fleet.capable("gpu-tasks", "audio") == (a, b)  # by name
+    assert fleet.capable("gpu-tasks", "audio") is fleet.capable("gpu-tasks", "audio")
+    assert fleet.capable("gpu-tasks", "video") == (b,)
+    assert fleet.consumers_of("celery") == [CPU]
+    assert fleet.liveness_channels() == ("ch:a", "ch:b")
+    assert FleetSnapshot((b, CPU, a)) == fleet  # the memo takes no part in equality

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from morag.config import CPU_QUEUE, GPU_QUEUE
 from morag.job_record import Route
@@ -45,11 +45,49 @@ def connected(
 
 @dataclass(frozen=True)
 class FleetSnapshot:
+    """The fleet at one read. Immutable: the answers below are computed once per snapshot
+    and per argument, not at every routing decision (a thousand workers each time)."""
+
     workers: tuple[WorkerView, ...] = ()
     queue_lengths: dict[str, int] = field(default_factory=dict)
+    _memo: dict[tuple[str, ...], tuple[Any, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def consumers_of(self, queue: str) -> list[WorkerView]:
-        return [w for w in self.workers if queue in w.queues]
+        return list(self.consumers(queue))
+
+    def capable(self, queue: str, content_type: str) -> tuple[WorkerView, ...]:
+        """The consumers of ``queue`` that can process ``content_type``, by name."""
+        key = ("capable", queue, content_type)
+        found = self._memo.get(key)
+        if found is None:
+            found = tuple(
+                sorted(
+                    (w for w in self.consumers(queue) if content_type in w.processors),
+                    key=lambda w: w.name,
+                )
+            )
+            self._memo[key] = found  # racing threads store equal values: harmless
+        return found
+
+    def liveness_channels(self) -> tuple[str, ...]:
+        """The workers' liveness channels, sorted, each once."""
+        key = ("channels",)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = tuple(
+                sorted({w.liveness for w in self.workers if w.liveness})
+            )
+        return found
+
+    def consumers(self, queue: str) -> tuple[WorkerView, ...]:
+        """``consumers_of``, without a copy."""
+        key = ("consumers", queue)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = tuple(w for w in self.workers if queue in w.queues)
+        return found
 
 
 # Route codes. Decisions at submission: the first five; later re-routing: the last three.
@@ -90,10 +128,9 @@ def decide_route(
     """Pick the queue for a new job. GPU only when a live GPU worker can take it now."""
     if not gpu_requested:
         return _route(CPU_QUEUE, False, NOT_REQUESTED, "gpu not requested")
-    gpu_workers = fleet.consumers_of(GPU_QUEUE)
-    if not gpu_workers:
+    if not fleet.consumers(GPU_QUEUE):
         return _route(CPU_QUEUE, True, NO_GPU_WORKER, "no live GPU worker; running on CPU")
-    capable = [w for w in gpu_workers if content_type in w.processors]
+    capable = fleet.capable(GPU_QUEUE, content_type)
     if not capable:
         return _route(
             CPU_QUEUE,
@@ -109,8 +146,21 @@ def decide_route(
             BACKLOG,
             f"GPU backlog {backlog} reached the limit {gpu_backlog_limit}; running on CPU",
         )
-    names = ", ".join(sorted(w.name for w in capable))
-    return _route(GPU_QUEUE, True, GPU_WORKER, f"{len(capable)} live GPU worker(s): {names}")
+    return _route(
+        GPU_QUEUE, True, GPU_WORKER, f"{len(capable)} live GPU worker(s): {_some(capable)}"
+    )
+
+
+# A reason names this many workers at most: at a thousand workers, all of their names made
+# every job record 20 KB longer.
+REASON_NAMES = 3
+
+
+def _some(workers: tuple[WorkerView, ...]) -> str:
+    """The first REASON_NAMES names, and how many more."""
+    names = ", ".join(w.name for w in workers[:REASON_NAMES])
+    more = len(workers) - REASON_NAMES
+    return f"{names} and {more} more" if more > 0 else names
 
 
 def gpu_failure_route(*, gpu_requested: bool, worker: str, error: str) -> Route:
