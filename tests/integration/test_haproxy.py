@@ -15,14 +15,18 @@ two real Celery workers:
 - connections that send part of a header are answered 408 and closed at the header deadline
   (``timeout http-request``), and a normal request is served while they are open;
 - passthrough mode: HAProxy checks /ready over HTTPS in TCP mode and the clients see the API's
-  own certificate.
+  own certificate;
+- HAProxy's Prometheus metrics (haproxy_metrics_enabled): both API hosts up, the killed one
+  DOWN, and every haproxy_* series the dashboard and the alert rules read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +42,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RedisServer, free_port, wait_until
 from tests.integration import media
@@ -90,9 +95,10 @@ PLAYBOOK = """
 class HAProxy:
     """A haproxy process in the foreground on a rendered file; its admin socket answers."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, metrics_port: int | None = None) -> None:
         self.config = config
         self.port = port
+        self.metrics_port = metrics_port
         self.socket = config.parent / "admin.sock"
         self.log = config.parent / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -143,6 +149,28 @@ class HAProxy:
             if row["pxname"] == "morag_api" and row["svname"] not in ("FRONTEND", "BACKEND")
         }
 
+    def metrics(self, path: str = "/metrics") -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10)
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The metrics of the morag_api backend and its servers: (name, labels) -> value."""
+        resp = self.metrics()
+        assert resp.status_code == 200, resp.text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.text)
+            for s in family.samples
+            if s.labels.get("proxy") == "morag_api"
+        }
+
+    def server_state(self, server: str) -> str | None:
+        """The state haproxy_server_status says the API host is in (UP, DOWN, ...)."""
+        for (name, labels), value in self.samples().items():
+            found = dict(labels)
+            if name == "haproxy_server_status" and found.get("server") == server and value == 1:
+                return found["state"]
+        return None
+
     def status(self, server: str) -> str:
         return self.servers()[server]["status"]
 
@@ -173,7 +201,9 @@ class Entry:
         )
 
 
-def _ansible(tmp: Path, api_ports: dict[str, int], entry_ports: dict[str, int]) -> str:
+def _ansible(
+    tmp: Path, api_ports: dict[str, int], entry_ports: dict[str, int], metrics_port: int
+) -> str:
     """Run the playbook; the certificates land in tmp/pki, each entry's files in tmp/<name>."""
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     api = {
@@ -183,6 +213,11 @@ def _ansible(tmp: Path, api_ports: dict[str, int], entry_ports: dict[str, int]) 
         n: {**local, "ansible_host": "127.0.0.1", "haproxy_port": p} for n, p in entry_ports.items()
     }
     entries["lb-pt"]["haproxy_tls_mode"] = "passthrough"
+    entries["lb"] |= {
+        "haproxy_metrics_enabled": True,
+        "haproxy_metrics_port": metrics_port,
+        "haproxy_metrics_allowed_sources": ["127.0.0.1"],
+    }
     inventory = {
         "all": {
             "vars": {"morag_api_tls_controller_dir": str(tmp / "pki"), "out_dir": str(tmp)},
@@ -225,7 +260,8 @@ def entry(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
     tmp = tmp_path_factory.mktemp("haproxy")
     api_ports = {"api-1": free_port(), "api-2": free_port()}
     entry_ports = {"lb": free_port(), "lb-pt": free_port()}
-    _ansible(tmp, api_ports, entry_ports)
+    metrics_port = free_port()
+    _ansible(tmp, api_ports, entry_ports, metrics_port)
     pki = tmp / "pki"
     db = redis_server.fresh_db()
     stacks = []
@@ -248,7 +284,7 @@ def entry(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             )
         )
     a, b = stacks
-    haproxy = HAProxy(tmp / "lb" / "haproxy.cfg", entry_ports["lb"])
+    haproxy = HAProxy(tmp / "lb" / "haproxy.cfg", entry_ports["lb"], metrics_port)
     passthrough = HAProxy(tmp / "lb-pt" / "haproxy.cfg", entry_ports["lb-pt"])
     try:
         # api-2 starts beside api-1 and the workers.
@@ -405,6 +441,35 @@ def test_passthrough_checks_ready_over_https_and_shows_the_api_certificate(entry
         entry.passthrough.stop()
 
 
+PROXY = (("proxy", "morag_api"),)
+HAPROXY_METRIC = re.compile(r"(?<![$\w])haproxy_[a-z0-9_]+\b")  # not $haproxy_job
+
+
+def _haproxy_queries() -> list[tuple[str, str]]:
+    """(panel title or alert name, PromQL) of every dashboard query and rule using haproxy_*."""
+    board = json.loads((ROOT / "monitoring" / "grafana" / "morag-fleet.json").read_text())
+    rules = yaml.safe_load((ROOT / "monitoring" / "prometheus" / "morag-alerts.yml").read_text())
+    found = [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])]
+    found += [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+    return [(where, expr) for where, expr in found if "haproxy_" in expr]
+
+
+def test_haproxy_exports_its_metrics_for_prometheus(entry: Entry) -> None:
+    samples = entry.haproxy.samples()
+    assert samples[("haproxy_backend_active_servers", PROXY)] == 2
+    assert samples[("haproxy_backend_status", (("proxy", "morag_api"), ("state", "UP")))] == 1
+    assert entry.haproxy.server_state("api-1") == entry.haproxy.server_state("api-2") == "UP"
+    assert entry.haproxy.metrics("/stats").status_code == 404  # the exporter's path only
+    # Every haproxy_* series the dashboard and the alert rules read is exported.
+    text = entry.haproxy.metrics().text
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    queries = _haproxy_queries()
+    assert queries, "no dashboard panel or alert reads HAProxy's metrics"
+    for where, expr in queries:
+        used = set(HAPROXY_METRIC.findall(expr))
+        assert used <= exported, f"{where}: not exported: {sorted(used - exported)}"
+
+
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     page = media.html_page(tmp_path_factory.mktemp("haproxy-web") / "page.html")
@@ -477,6 +542,9 @@ def test_a_killed_api_host_costs_at_most_the_requests_in_flight(
         killed_at = time.monotonic()
         wait_until(lambda: entry.haproxy.status("api-2").startswith("DOWN"), 30, "api-2 down")
         down_at = time.monotonic()
+        # What Prometheus reads (MoragHaproxyBackendDown, MoragHaproxyFewBackends).
+        assert entry.haproxy.server_state("api-2") == "DOWN"
+        assert entry.haproxy.samples()[("haproxy_backend_active_servers", PROXY)] == 1
         wait_until(lambda: accepted(down_at) >= 6, 60, "submissions with api-2 down")
         entry.b.start_api()
         restarted_at = time.monotonic()

@@ -23,7 +23,7 @@ from morag import job_events, liveness
 from morag.config import Settings
 from morag.job_events import EndListener
 from morag.liveness import Subscription
-from morag.redis_client import redis_client, replicated_transaction
+from morag.redis_client import redis_client, redis_health, replicated_transaction
 
 from tests import redis_acl
 from tests.conftest import free_port
@@ -107,6 +107,12 @@ def test_clients_follow_a_failover_from_a_frozen_primary(tmp_path: Path) -> None
                 # ever, and is sent again to the primary the Sentinels name now.
                 client.set("morag:job:old-client", "3")
                 assert new.admin().get("morag:job:old-client") == b"3"
+                # What the API exports of its own client (docs/ha.md): the command timed out
+                # on the frozen primary, and the client now reaches another one.
+                health = redis_health(client)
+                assert health is not None and health.errors["timeout"] >= 1, health.errors
+                assert health.primary == f"127.0.0.1:{new.port}"
+                assert health.primary_changes == 1
             finally:
                 old.resume()
         finally:
@@ -156,6 +162,7 @@ def test_a_submission_no_replica_acknowledged_is_refused_and_never_runs(
     ha: tuple[Stack, SentinelCluster], speech_wav: Path
 ) -> None:
     stack, cluster = ha
+    refused_before = _refused(stack, "replicas")
     primary = cluster.primary()
     replicas = [n for n in cluster.nodes if n.proc is not None and n is not primary]
     assert replicas
@@ -169,6 +176,7 @@ def test_a_submission_no_replica_acknowledged_is_refused_and_never_runs(
     assert refused.status_code == 503, refused.text
     body = refused.json()
     assert "replica" in body["detail"] and "will not run" in body["detail"], body
+    assert _refused(stack, "replicas") == refused_before + 1
     [record] = [j for j in stack.jobs_in_redis() if j["status"] == "failed"]
     assert record["error"].startswith("not accepted"), record
     assert stack.redis.zscore("morag:outbox", record["task_id"]) is None
@@ -190,6 +198,7 @@ def test_a_primary_short_of_replicas_refuses_at_once(
     stack, cluster = ha
     primary = cluster.primary().admin()
     before = len(stack.jobs_in_redis())
+    refused_before = _refused(stack, "noreplicas")
     primary.config_set("min-replicas-to-write", 3)  # more than there are
     try:
         refused = _submit(stack, speech_wav)
@@ -197,10 +206,21 @@ def test_a_primary_short_of_replicas_refuses_at_once(
         primary.config_set("min-replicas-to-write", 0)
     assert refused.status_code == 503, refused.text
     assert "NOREPLICAS" in refused.json()["detail"], refused.text
+    assert _refused(stack, "noreplicas") == refused_before + 1
     assert len(stack.jobs_in_redis()) == before  # nothing written
 
 
-def _runs_after_a_failover(stack: Stack, cluster: SentinelCluster, speech: Path) -> None:
+def _refused(stack: Stack, reason: str) -> float:
+    return stack.scrape().value("morag_submissions_refused_total", reason=reason) or 0.0
+
+
+def _primary_changes(stack: Stack) -> float:
+    return stack.scrape().value("morag_redis_primary_changes_total") or 0.0
+
+
+def _runs_after_a_failover(
+    stack: Stack, cluster: SentinelCluster, speech: Path, changes_before: float
+) -> None:
     new = cluster.primary()
     stack.redis = cluster.admin()  # the tests' own client, not left on the old primary
     # MORAG_REDIS_MIN_REPLICAS=1: the remaining replica follows the new primary first.
@@ -215,6 +235,10 @@ def _runs_after_a_failover(stack: Stack, cluster: SentinelCluster, speech: Path)
     stack.wait_live(WORKER)
     assert _subscribers(new, stack.heartbeat(WORKER)["liveness"]) == 1
     wait_until(lambda: _subscribers(new, job_events.channel(0)) >= 1, 30, "the API's end listener")
+    # The API's /metrics (docs/ha.md): the primary it uses now, and the change it saw.
+    scrape = stack.scrape()
+    assert scrape.value("morag_redis_primary_info", address=f"127.0.0.1:{new.port}") == 1
+    assert scrape.value("morag_redis_primary_changes_total") == changes_before + 1
 
 
 def test_a_worker_keeps_consuming_after_its_primary_is_killed(
@@ -223,11 +247,12 @@ def test_a_worker_keeps_consuming_after_its_primary_is_killed(
     """A primary that dies (its connections closed): the consumer reconnects through the
     Sentinels once they name the new primary."""
     stack, cluster = ha
+    changes = _primary_changes(stack)
     old = cluster.primary()
     old.kill()
     cluster.wait_failover(old)
     try:
-        _runs_after_a_failover(stack, cluster, speech_wav)
+        _runs_after_a_failover(stack, cluster, speech_wav, changes)
     finally:
         cluster.rejoin(old)
 
@@ -239,10 +264,11 @@ def test_a_worker_keeps_consuming_after_its_primary_froze(
     (a hung or cut-off host) waited on it for ever; kombu's BRPOP health check (every 5 s
     with Sentinel) drops it, and the API's sends time out and go to the new primary."""
     stack, cluster = ha
+    changes = _primary_changes(stack)
     old = cluster.primary()
     old.pause()
     try:
         cluster.wait_failover(old)
-        _runs_after_a_failover(stack, cluster, speech_wav)
+        _runs_after_a_failover(stack, cluster, speech_wav, changes)
     finally:
         old.resume()  # the Sentinels make it a replica of the new primary

@@ -82,6 +82,10 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "MoragGpuFallbackRateHigh",
         "MoragApiErrorRateHigh",
         "MoragMessagesDropped",
+        "MoragRedisFailover",
+        "MoragSubmissionsRefusedForReplicas",
+        "MoragHaproxyBackendDown",
+        "MoragHaproxyFewBackends",
     }
     assert names == expected
 
@@ -122,12 +126,15 @@ def test_dashboard_structure() -> None:
         assert panel["datasource"]["uid"] == "${datasource}"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
-            assert "morag_" in target["expr"], f"{panel['title']}: {target['expr']}"
+            expr = target["expr"]
+            assert "morag_" in expr or "haproxy_" in expr, f"{panel['title']}: {expr}"
     assert len(dashboard_queries()) >= 20
 
 
 # A metric name and the label matchers that follow it, if any (not a function like rate).
 SELECTOR = re.compile(r"\b((?:morag|process|python)_[a-z0-9_]+)\b(\{[^}]*\})?(?!\s*\()")
+# HAProxy's own metrics (roles/haproxy): their scrape job is another one, $haproxy_job.
+HAPROXY_SELECTOR = re.compile(r"\b(haproxy_[a-z0-9_]+)\b(\{[^}]*\})?(?!\s*\()")
 
 
 def test_dashboard_keeps_fleets_apart_with_job_and_instance_variables() -> None:
@@ -140,7 +147,15 @@ def test_dashboard_keeps_fleets_apart_with_job_and_instance_variables() -> None:
             f"{name}: one at a time, or two fleets' numbers add up"
         )
     assert "$job" in variables["instance"]["query"]["query"]
+    haproxy_job = variables["haproxy_job"]
+    assert not haproxy_job.get("multi") and not haproxy_job.get("includeAll")
     for title, expr in dashboard_queries():
+        if "haproxy_" in expr:
+            for metric, matchers in HAPROXY_SELECTOR.findall(expr):
+                assert 'job="$haproxy_job"' in matchers and 'proxy="morag_api"' in matchers, (
+                    f"{title}: {metric} is not filtered by $haproxy_job and the API backend"
+                )
+            continue
         selectors = SELECTOR.findall(expr)
         assert selectors, f"{title}: no metric in {expr}"
         for metric, matchers in selectors:
@@ -155,7 +170,7 @@ def test_dashboard_has_an_api_row() -> None:
     assert "API" in titles
     row = titles.index("API")
     api = board["panels"][row + 1 : row + 6]
-    queries = " ".join(t["expr"] for p in api for t in p["targets"])
+    queries = " ".join(t["expr"] for p in api for t in p.get("targets", []))
     for needed in (
         "morag_http_requests_total",  # request rate, 5xx rate
         "morag_http_request_duration_seconds_bucket",  # p95 latency
@@ -164,3 +179,25 @@ def test_dashboard_has_an_api_row() -> None:
     ):
         assert needed in queries, needed
     assert "histogram_quantile(0.95" in queries
+
+
+def test_dashboard_has_a_high_availability_row() -> None:
+    """docs/ha.md: the panels that show a failover and its cost, beside the alerts."""
+    board = json.loads(DASHBOARD.read_text())
+    titles = [p["title"] for p in board["panels"]]
+    assert "High availability" in titles
+    row = titles.index("High availability")
+    ha = board["panels"][row + 1 :]
+    queries = " ".join(t["expr"] for p in ha for t in p["targets"])
+    for needed in (
+        "morag_redis_primary_info",
+        "morag_redis_primary_changes_total",
+        "morag_redis_connection_errors_total",
+        "morag_submissions_refused_total",
+        "haproxy_backend_active_servers",
+        "haproxy_server_status",
+    ):
+        assert needed in queries, needed
+    ha_doc = (ROOT / "docs" / "ha.md").read_text()
+    for panel in ha:
+        assert f"**{panel['title']}**" in ha_doc, f"docs/ha.md does not explain {panel['title']}"

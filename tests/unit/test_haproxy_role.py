@@ -45,6 +45,12 @@ CASES: dict[str, dict[str, Any]] = {
     "bad_mode": {"haproxy_tls_mode": "offload"},
     "bad_timeout": {"haproxy_timeout_client": "30 seconds"},
     "bad_backend": {"haproxy_api_backends": [{"name": "a", "address": "10.1.0.1", "port": 0}]},
+    "bad_metrics": {
+        "haproxy_metrics_enabled": True,
+        "haproxy_metrics_port": 443,
+        "haproxy_metrics_path": "metrics",
+    },
+    "metrics_off_ignored": {"haproxy_metrics_port": 0},
 }
 
 PLAYBOOK = f"""
@@ -200,6 +206,11 @@ def test_bad_settings_fail_naming_them(run) -> None:
     assert "haproxy_tls_mode must be `terminate` or `passthrough`" in failure(run, "bad_mode")
     assert "haproxy_timeout_client" in failure(run, "bad_timeout")
     assert "port (1-65535)" in failure(run, "bad_backend")
+    message = failure(run, "bad_metrics")
+    assert "haproxy_metrics_port must be 1-65535 and differ from haproxy_port" in message
+    assert "(got 443 and 443)" in message and "(got metrics)" in message
+    # Only checked where the metrics frontend is on.
+    assert backends(run, "metrics_off_ignored")
 
 
 def keepalived_conf(run: tuple[Path, dict[str, dict[str, Any]]], host: str) -> str:

@@ -7,6 +7,9 @@
   pipeline; the job store calls them inside the same MULTI/EXEC as the job transition they
   count, so an event is counted exactly once, however many processes race on the job.
 - Exporting (the API): :mod:`morag.metrics_export` reads it back at scrape time.
+- Per API process, not in Redis: what must count also while Redis refuses writes (a
+  failover, too few replicas): the submissions it refused (:class:`Refusals`), and what its
+  Redis client met (morag.redis_client.RedisHealth).
 
 Wait and run times are measured from the job record's own timestamps (``queued_at``, and
 each attempt's ``started_at``/``finished_at``), written by the hosts involved, so their
@@ -16,6 +19,7 @@ clocks should agree (NTP).
 from __future__ import annotations
 
 import json
+import threading
 from bisect import bisect_left
 from datetime import datetime
 from typing import Any
@@ -43,6 +47,11 @@ ACTIVE_STATES = ("queued", "running")
 WEBHOOK_OUTCOMES = ("retrying", "gave_up", "refused")
 ENDED_STATES = ("succeeded", "failed", "cancelled")
 FALLBACK_CODES = (NO_GPU_WORKER, NO_CAPABLE_GPU, BACKLOG, GPU_FAILURE, WORKER_LOST, RESCUED)
+# Why a submission was answered 503 (morag.submission.admit): replicas (WAIT: fewer replicas
+# than MORAG_REDIS_MIN_REPLICAS acknowledged the job), noreplicas (the primary's
+# min-replicas-to-write refused the write), redis (Redis failed while recording), broker (the
+# broker did not take the message), unknown (Redis stopped answering: the job may exist).
+REFUSAL_REASONS = ("replicas", "noreplicas", "redis", "broker", "unknown")
 
 # name -> (help, label names); the exposition adds ``_total``.
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -103,6 +112,22 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("content_type", "queue", "device"),
     ),
 }
+
+
+class Refusals:
+    """Submissions (requests: a batch counts once) this API process answered 503, by reason
+    (REFUSAL_REASONS). In the process, not in Redis: a primary short of replicas refuses
+    every write, a counter's too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(REFUSAL_REASONS, 0)
+
+    def count(self, reason: str) -> None:
+        if reason not in self.counts:
+            raise KeyError(f"unknown refusal reason {reason}")
+        with self._lock:
+            self.counts[reason] += 1
 
 
 # -- recording: queue increments on the caller's pipeline ------------------------------------

@@ -4,6 +4,10 @@
 one-second fleet cache), one pipeline for the counter and histogram hashes that
 :mod:`morag.metrics` records and the active-job ids, and one MGET of the active job
 records. Nothing happens at import time.
+
+:class:`ApiRedisCollector` adds what only this API process knows (docs/ha.md): the Redis
+primary its client uses (asked of the Sentinels at each scrape), the changes of primary and
+the connection errors that client met, and the submissions it refused, by reason.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ from morag.metrics import (
     HISTOGRAMS,
     HISTOGRAMS_KEY,
     WEBHOOK_OUTCOMES,
+    Refusals,
     parse_time,
 )
+from morag.redis_client import ERROR_KINDS, redis_health, refresh_primary
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +332,55 @@ class FleetCollector(Collector):
             yield family
 
 
+class ApiRedisCollector(Collector):
+    """This API process's own view of Redis, read from memory (one Sentinel query)."""
+
+    def __init__(self, client: redis.Redis, refusals: Refusals) -> None:
+        self.client = client
+        self.refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        refresh_primary(self.client)  # with Sentinel: the primary they name now
+        health = redis_health(self.client)
+        primary = GaugeMetricFamily(
+            "morag_redis_primary_info",
+            "1 for the Redis primary this API process's client reached last (host:port; "
+            "with Sentinel, as the Sentinels name it at the scrape)",
+            labels=["address"],
+        )
+        changes = CounterMetricFamily(
+            "morag_redis_primary_changes",
+            "Times this API process's Redis client found another primary than before (a "
+            "Sentinel failover)",
+        )
+        errors = CounterMetricFamily(
+            "morag_redis_connection_errors",
+            "Connects, sends and reads of this API process's Redis client that failed, by "
+            "kind: connection (refused, reset, READONLY of a demoted primary, no primary "
+            "known to the Sentinels), timeout; commands retried on another connection included",
+            labels=["kind"],
+        )
+        if health is not None:
+            if health.primary is not None:
+                primary.add_metric([health.primary], 1)
+            changes.add_metric([], health.primary_changes)
+            for kind in ERROR_KINDS:
+                errors.add_metric([kind], health.errors[kind])
+        refused = CounterMetricFamily(
+            "morag_submissions_refused",
+            "Submissions this API process answered 503, by reason: replicas (fewer Redis "
+            "replicas than MORAG_REDIS_MIN_REPLICAS acknowledged the job), noreplicas (the "
+            "primary refused writes: min-replicas-to-write), redis, broker, unknown",
+            labels=["reason"],
+        )
+        for reason, n in self.refusals.counts.items():
+            refused.add_metric([reason], n)
+        yield primary
+        yield changes
+        yield errors
+        yield refused
+
+
 def _le(bound: float) -> str:
     if bound == float("inf"):
         return "+Inf"
@@ -333,9 +388,15 @@ def _le(bound: float) -> str:
 
 
 def build_registry(
-    client: redis.Redis, fleet: Any, settings: Settings, content_types: Iterable[str] = ()
+    client: redis.Redis,
+    fleet: Any,
+    settings: Settings,
+    content_types: Iterable[str] = (),
+    refusals: Refusals | None = None,
 ) -> CollectorRegistry:
-    """A registry holding only the fleet collector (no process or platform metrics)."""
+    """A registry of the fleet collector and this API process's Redis collector (no process
+    or platform metrics: morag.api.http_metrics has them)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(client, fleet, settings, content_types))
+    registry.register(ApiRedisCollector(client, refusals or Refusals()))
     return registry

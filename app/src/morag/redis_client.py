@@ -16,11 +16,18 @@ a partition) would otherwise hold a command forever while Sentinel promotes a re
 the command that found the old primary gone is sent again to the new one. Pub/Sub
 subscribers check ``on_current_primary`` now and then for the same reason: a subscribed
 connection waits for messages, and a frozen old primary sends none and no error either.
+
+Every client carries a :class:`RedisHealth` (``redis_health``): its connections count the
+connects, sends and reads that failed, and record the address they reached, so a change of
+primary is seen (and logged) by the client that meets it. The API exports its own client's
+(morag.metrics_export, docs/ha.md).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -28,7 +35,7 @@ from urllib.parse import quote, unquote, urlsplit
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.client import Pipeline
-from redis.connection import parse_url
+from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.retry import Retry
 from redis.sentinel import (
     Sentinel,
@@ -38,6 +45,8 @@ from redis.sentinel import (
 )
 
 from morag.config import Settings
+
+log = logging.getLogger("morag.redis_client")
 
 # Seconds a command may wait on a Sentinel-found primary before its connection is dropped
 # and made again (to the primary the Sentinels name then), when the caller sets none.
@@ -86,6 +95,110 @@ def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+# -- what a client's connections met --------------------------------------------------------
+
+ERROR_KINDS = ("connection", "timeout")
+
+
+class RedisHealth:
+    """Failed connects, sends and reads of one client's connections, by kind (ERROR_KINDS),
+    and the address they last reached: a new one is a change of primary (with Sentinel)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.errors = dict.fromkeys(ERROR_KINDS, 0)
+        self.primary: str | None = None
+        self.primary_changes = 0
+
+    def failed(self, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] += 1
+
+    def reached(self, address: str) -> None:
+        with self._lock:
+            before, self.primary = self.primary, address
+            if before is None or before == address:
+                return
+            self.primary_changes += 1
+        log.warning("Redis primary changed: %s -> %s", before, address)
+
+
+class _Watched:
+    """A connection that reports to its client's RedisHealth (the ``health`` option)."""
+
+    _watching = False  # inside a watched call: a nested one (a connect in a send) counts once
+
+    def __init__(self, *args: Any, health: RedisHealth | None = None, **kwargs: Any) -> None:
+        self.health = health
+        super().__init__(*args, **kwargs)
+
+    def _watch(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._watching or self.health is None:
+            return call(*args, **kwargs)
+        self._watching, fresh = True, getattr(self, "_sock", None) is None
+        try:
+            result = call(*args, **kwargs)
+        except redis.TimeoutError:
+            self.health.failed("timeout")
+            raise
+        except redis.ConnectionError:  # refused, reset, READONLY of a demoted primary, no primary
+            self.health.failed("connection")
+            raise
+        finally:
+            self._watching = False
+        if fresh and getattr(self, "_sock", None) is not None:
+            path = getattr(self, "path", None)
+            self.health.reached(str(path) if path else f"{self.host}:{self.port}")  # type: ignore[attr-defined]
+        return result
+
+    def connect(self) -> Any:
+        return self._watch(super().connect)  # type: ignore[misc]
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        return self._watch(super().connect_check_health, *args, **kwargs)  # type: ignore[misc]
+
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> Any:
+        return self._watch(super().send_packed_command, *args, **kwargs)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        return self._watch(super().read_response, *args, **kwargs)  # type: ignore[misc]
+
+
+class _PlainConnection(_Watched, Connection):
+    pass
+
+
+class _PlainSSLConnection(_Watched, SSLConnection):
+    pass
+
+
+class _UnixConnection(_Watched, UnixDomainSocketConnection):
+    pass
+
+
+_PLAIN_CLASSES = {"rediss": _PlainSSLConnection, "unix": _UnixConnection}
+
+
+def redis_health(client: redis.Redis) -> RedisHealth | None:
+    """What ``client``'s connections met (None for a client redis_client did not build)."""
+    return client.connection_pool.connection_kwargs.get("health")
+
+
+def refresh_primary(client: redis.Redis) -> None:
+    """With Sentinel, ask the Sentinels for ``client``'s primary now (its health records a
+    change; idle connections to the old one are dropped). Nothing without Sentinel or when
+    no Sentinel answers."""
+    pool = client.connection_pool
+    health = redis_health(client)
+    if not isinstance(pool, SentinelConnectionPool) or health is None:
+        return
+    try:
+        host, port = pool.get_master_address()
+    except redis.ConnectionError:
+        return
+    health.reached(f"{host}:{port}")
+
+
 class _FollowingConnection:
     """redis-py's Sentinel-managed connection asks the Sentinels for the primary when the
     pool hands it out, but a command retried on the same connection (a timeout, a reset,
@@ -107,19 +220,24 @@ class _FollowingConnection:
         return self.connect()
 
 
-class _Connection(_FollowingConnection, SentinelManagedConnection):
+class _Connection(_Watched, _FollowingConnection, SentinelManagedConnection):
     pass
 
 
-class _SSLConnection(_FollowingConnection, SentinelManagedSSLConnection):
+class _SSLConnection(_Watched, _FollowingConnection, SentinelManagedSSLConnection):
     pass
 
 
 def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     """A client of the Redis primary; ``kwargs`` are redis-py connection options
     (socket_timeout, health_check_interval, ...)."""
+    kwargs.setdefault("health", RedisHealth())
     if not settings.redis_sentinels:
-        return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+        url = settings.redis_url.get_secret_value()
+        kwargs.setdefault(
+            "connection_class", _PLAIN_CLASSES.get(urlsplit(url).scheme, _PlainConnection)
+        )
+        return redis.Redis.from_url(url, **kwargs)
     kwargs.setdefault("socket_timeout", SENTINEL_SOCKET_TIMEOUT)
     # A command that met the old primary (connection refused or reset, READONLY, timed out)
     # is sent again, on a connection to the primary the Sentinels name by then.

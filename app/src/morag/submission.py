@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +22,7 @@ from morag.idempotency import Idempotency
 from morag.job_events import EndListener
 from morag.job_record import JobRecord, Source
 from morag.jobs import CANCELLED, JobStore, NotReplicated, new_record
+from morag.metrics import Refusals
 from morag.processors.detect import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from morag.processors.registry import known_types
 from morag.redis_client import redis_client
@@ -77,17 +78,21 @@ class Services:
     metrics: CollectorRegistry  # the fleet's metrics, read from Redis at each scrape
     # Job-end announcements that wake waiting requests (started by the app's lifespan).
     job_ends: EndListener | None = None
+    # Submissions answered 503, by reason (exported with the metrics).
+    refusals: Refusals = field(default_factory=Refusals)
 
 
 def build_services(settings: Settings) -> Services:
     client = redis_client(settings, socket_timeout=5, health_check_interval=30)
     fleet = CachedFleet(client, settings.fleet_cache_seconds, settings.liveness_interval)
+    refusals = Refusals()
     return Services(
         settings=settings,
         redis=client,
         store=job_store(client, settings),
         fleet=fleet,
-        metrics=metrics_export.build_registry(client, fleet, settings, known_types()),
+        metrics=metrics_export.build_registry(client, fleet, settings, known_types(), refusals),
+        refusals=refusals,
     )
 
 
@@ -159,7 +164,7 @@ def prepare(
     route = decide_route(
         gpu_requested=gpu,
         content_type=content_type,
-        fleet=services.fleet.get().snapshot,
+        fleet=services.fleet.routing(),
         gpu_backlog_limit=services.settings.gpu_backlog_limit,
     )
     record = new_record(
@@ -265,12 +270,14 @@ def admit(
             log.warning("jobs %s refused: %s", ",".join(ids), reason)
             outcome = _take_back(services, ids, reason, batch_id, reserve)
             if outcome is None:
+                services.refusals.count("unknown")
                 raise SubmissionUnknown(
                     f"Redis stopped answering while the job was withdrawn ({exc}): it may "
                     f"or may not exist (job ids {', '.join(ids)}); retry with the same "
                     "Idempotency-Key"
                 ) from exc
             if outcome:
+                services.refusals.count("replicas")
                 raise BrokerUnavailable(
                     f"the job store could not copy the job to {exc.wanted} Redis "
                     f"replica(s) ({exc.acked} acknowledged within {exc.wait_ms} ms"
@@ -282,6 +289,7 @@ def admit(
             if _too_few_replicas(exc):
                 # min-replicas-to-write: the primary discarded the whole transaction.
                 log.warning("jobs %s refused: %s", ",".join(ids), exc)
+                services.refusals.count("noreplicas")
                 raise BrokerUnavailable(
                     "the job store has fewer Redis replicas than it requires to take writes "
                     "(NOREPLICAS): the job was not accepted and will not run; try again later"
@@ -291,12 +299,14 @@ def admit(
             log.warning("jobs %s refused: %s", ",".join(ids), reason)
             outcome = _take_back(services, ids, reason, batch_id, reserve)
             if outcome is None:
+                services.refusals.count("unknown")
                 raise SubmissionUnknown(
                     f"Redis stopped answering while the job was recorded "
                     f"({type(exc).__name__}): it may or may not exist (job ids "
                     f"{', '.join(ids)}); retry with the same Idempotency-Key"
                 ) from exc
             if outcome:
+                services.refusals.count("redis")
                 raise BrokerUnavailable(
                     f"the job store is unavailable ({type(exc).__name__}); try again later"
                 ) from exc
@@ -317,6 +327,7 @@ def admit(
             reason = f"the broker did not take the job's message: {type(exc).__name__}: {exc}"
             log.warning("job %s refused: %s", record.task_id, reason)
             if _take_back(services, ids, reason, batch_id, reserve):
+                services.refusals.count("broker")
                 raise BrokerUnavailable(
                     f"the job queue is unavailable ({type(exc).__name__}); try again later"
                 ) from exc
