@@ -38,6 +38,7 @@ WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 IMAGE = "morag-test/debian12:latest"
 NETWORK = "morag-lab"
 VOLUME = "morag-lab-shared"
+HA_NETWORK = "morag-lab-ha"  # tests/lab/ha.py
 SERVER = "morag-lab-server"
 GPU_WORKERS = ["morag-lab-gpu1", "morag-lab-gpu2"]
 CPU_WORKERS = ["morag-lab-cpu1"]
@@ -77,6 +78,43 @@ def wait_systemd(name: str, timeout: float = 60) -> None:
     raise SystemExit(f"{name}: systemd did not come up")
 
 
+def container_args(name: str) -> list[str]:
+    """`docker run` arguments of a lab container (a systemd container on the lab network),
+    before the image and any extra mounts or published ports."""
+    return [
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--hostname",
+        name,
+        "--network",
+        NETWORK,
+        "--cap-add",
+        "SYS_ADMIN",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        "--cgroupns=host",
+        "-v",
+        "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+        "--tmpfs",
+        "/run",
+        "--tmpfs",
+        "/run/lock",
+        # systemd's clean shutdown: `docker stop` = a graceful halt (warm worker shutdown).
+        "--stop-signal",
+        "SIGRTMIN+3",
+        "--label",
+        "morag-lab=1",
+        # The controller's wheelhouse, shared read-only (as a site would share it): the
+        # morag_app role finds identical files and copies nothing.
+        "-v",
+        f"{WHEELHOUSE}:/opt/morag/wheelhouse:ro",
+    ]
+
+
 def create() -> None:
     """Network, volume and containers; existing ones are reused (started if stopped)."""
     if docker("network", "inspect", NETWORK, check=False).returncode != 0:
@@ -89,38 +127,7 @@ def create() -> None:
         if st is not None:
             docker("start", name)
             continue
-        args = [
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--hostname",
-            name,
-            "--network",
-            NETWORK,
-            "--cap-add",
-            "SYS_ADMIN",
-            "--security-opt",
-            "seccomp=unconfined",
-            "--security-opt",
-            "apparmor=unconfined",
-            "--cgroupns=host",
-            "-v",
-            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/run/lock",
-            # systemd's clean shutdown: `docker stop` = a graceful halt (warm worker shutdown).
-            "--stop-signal",
-            "SIGRTMIN+3",
-            "--label",
-            "morag-lab=1",
-            # The controller's wheelhouse, shared read-only (as a site would share it): the
-            # morag_app role finds identical files and copies nothing.
-            "-v",
-            f"{WHEELHOUSE}:/opt/morag/wheelhouse:ro",
-        ]
+        args = container_args(name)
         if name == SERVER:
             # Ganesha exports from a real filesystem (the volume) and opens files by handle
             # (CAP_DAC_READ_SEARCH); the API is published on the host's loopback only.
@@ -138,16 +145,22 @@ def create() -> None:
         wait_systemd(name)
 
 
-def provision() -> None:
-    env = dict(
+def ansible_env() -> dict[str, str]:
+    return dict(
         os.environ,
         PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
         ANSIBLE_PIPELINING="true",
     )
+
+
+def provision() -> None:
     started = time.monotonic()
     subprocess.run(
-        ["ansible-playbook", "site.yml", "-i", str(INVENTORY)], cwd=ROOT, env=env, check=True
+        ["ansible-playbook", "site.yml", "-i", str(INVENTORY)],
+        cwd=ROOT,
+        env=ansible_env(),
+        check=True,
     )
     log(f"site.yml done in {time.monotonic() - started:.0f}s")
     key = (INVENTORY / ".secrets" / "api_key").read_text().split()[0]
@@ -411,11 +424,14 @@ def partition() -> int:
 
 
 def down() -> None:
-    for name in CONTAINERS:
+    # Every lab container, also those tests/lab/ha.py added (the same label), then networks.
+    labelled = docker("ps", "-aq", "--filter", "label=morag-lab=1", "--format", "{{.Names}}")
+    for name in sorted(set(CONTAINERS) | set(labelled.stdout.split())):
         if state(name) is not None:
             docker("rm", "-f", "-v", name)
             log(f"removed {name}")
-    docker("network", "rm", NETWORK, check=False)
+    for network in (NETWORK, HA_NETWORK):
+        docker("network", "rm", network, check=False)
     docker("volume", "rm", "-f", VOLUME, check=False)
     API_KEY_FILE.unlink(missing_ok=True)
 
