@@ -425,7 +425,7 @@ def partition() -> int:
 
 def down() -> None:
     # Every lab container, also those tests/lab/ha.py added (the same label), then networks.
-    labelled = docker("ps", "-aq", "--filter", "label=morag-lab=1", "--format", "{{.Names}}")
+    labelled = docker("ps", "-a", "--filter", "label=morag-lab=1", "--format", "{{.Names}}")
     for name in sorted(set(CONTAINERS) | set(labelled.stdout.split())):
         if state(name) is not None:
             docker("rm", "-f", "-v", name)
