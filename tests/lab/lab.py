@@ -221,6 +221,16 @@ def gpu_consumers() -> list[str]:
     ]
 
 
+def rescuers() -> list[str]:
+    """CPU workers consuming gpu-tasks (the rescue of queued GPU jobs)."""
+    return [
+        w["name"]
+        for w in workers()
+        if "gpu-tasks" in w.get("consuming", w.get("queues", []))
+        and not w["name"].startswith("gpu")
+    ]
+
+
 def speech() -> Path:
     wav = Path(tempfile.gettempdir()) / "morag-lab-speech.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True)
@@ -329,6 +339,9 @@ def failover() -> int:
     for name in GPU_WORKERS:
         docker("start", name)
     wait_for(lambda: len(gpu_consumers()) == 2, 180, "both GPU workers back")
+    # The CPU workers took gpu-tasks over (the rescue) while no GPU worker lived; a job sent
+    # before they let go may be taken by one of them, legitimately: wait for that first.
+    wait_for(lambda: not rescuers(), 120, "the CPU workers to stop consuming gpu-tasks")
     job = run_job(gpu=True)
     check(job, "gpu-tasks", "gpu")
     log("failover: all checks passed")
