@@ -194,6 +194,10 @@ class Settings(BaseSettings):
     store_retry_backoff: float = Field(default=5.0, ge=0)
     # How long a worker keeps retrying a job's final record write through a Redis outage.
     redis_retry_seconds: float = Field(default=120.0, ge=0)
+    # A worker's download of an upload from the API (through the load balancer) retries
+    # connection errors and 502/503/504 for this long: an API host lost, or every API waiting
+    # out a Redis failover, must not fail the job (docs/ha.md).
+    download_retry_seconds: float = Field(default=120.0, ge=0)
     # Celery task events (worker_send_task_events, task_send_sent_event) for Flower or
     # celery-exporter; MoRAG's own metrics do not need them.
     celery_events: bool = False

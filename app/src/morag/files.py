@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
 
 from morag.config import Settings
 from morag.job_record import Source
+
+log = logging.getLogger(__name__)
 
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1024 * 1024
@@ -99,27 +103,57 @@ def fetch_for_worker(settings: Settings, source: Source, dest_dir: Path) -> tupl
         )
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / file_id
-    digest = hashlib.sha256()
     url = f"{settings.api_url.rstrip('/')}/api/v1/files/{file_id}"
     headers = {"X-Worker-Token": settings.worker_token.get_secret_value()}
     try:
         verify = settings.api_tls_verify()
     except OSError as exc:  # a missing or unreadable MORAG_API_CA_FILE
         raise FileUnavailable(f"cannot load MORAG_API_CA_FILE: {exc}") from exc
+    deadline = time.monotonic() + settings.download_retry_seconds
+    pause = 0.5
+    while True:
+        try:
+            digest = _download(url, headers, verify, dest)
+            break
+        except _Transient as exc:
+            if time.monotonic() + pause > deadline:
+                raise FileUnavailable(f"download of the upload failed: {exc}") from exc
+            log.warning("download of upload %s failed (%s); again in %.1fs", file_id, exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+    if digest.hexdigest() != sha:
+        dest.unlink(missing_ok=True)
+        raise FileUnavailable("the downloaded upload does not match its checksum")
+    return dest, "http"
+
+
+class _Transient(Exception):
+    """A download failure that another try may not meet (connection, 502/503/504)."""
+
+
+# What a load balancer or an API answers while a host is lost or Redis fails over.
+TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
+def _download(url: str, headers: dict[str, str], verify: Any, dest: Path) -> Any:
+    """GET url into dest; the sha256 of what arrived. _Transient for what a retry may mend,
+    FileUnavailable for an answer that will not change (404, 403, ...)."""
+    digest = hashlib.sha256()
     try:
         with httpx.stream("GET", url, headers=headers, timeout=60.0, verify=verify) as resp:
+            if resp.status_code in TRANSIENT_STATUS:
+                raise _Transient(f"HTTP {resp.status_code}")
             if resp.status_code != 200:
                 raise FileUnavailable(f"download of the upload failed: HTTP {resp.status_code}")
             with open(dest, "wb") as out:
                 for chunk in resp.iter_bytes(CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
+    except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+        raise _Transient(str(exc) or type(exc).__name__) from exc
     except httpx.HTTPError as exc:
         raise FileUnavailable(f"download of the upload failed: {exc}") from exc
-    if digest.hexdigest() != sha:
-        dest.unlink(missing_ok=True)
-        raise FileUnavailable("the downloaded upload does not match its checksum")
-    return dest, "http"
+    return digest
 
 
 def scratch_dir(settings: Settings, task_id: str) -> Path:
