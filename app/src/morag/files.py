@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,16 @@ class _Transient(Exception):
 TRANSIENT_STATUS = frozenset({502, 503, 504})
 
 
+def _tls_refused(exc: BaseException) -> bool:
+    """Did TLS itself fail (an untrusted certificate, a wrong name), somewhere in the chain?"""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _download(url: str, headers: dict[str, str], verify: Any, dest: Path) -> Any:
     """GET url into dest; the sha256 of what arrived. _Transient for what a retry may mend,
     FileUnavailable for an answer that will not change (404, 403, ...)."""
@@ -149,7 +160,9 @@ def _download(url: str, headers: dict[str, str], verify: Any, dest: Path) -> Any
                 for chunk in resp.iter_bytes(CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
-    except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+    except httpx.TransportError as exc:
+        if _tls_refused(exc):  # a certificate that does not verify will not start to
+            raise FileUnavailable(f"download of the upload failed: {exc}") from exc
         raise _Transient(str(exc) or type(exc).__name__) from exc
     except httpx.HTTPError as exc:
         raise FileUnavailable(f"download of the upload failed: {exc}") from exc
