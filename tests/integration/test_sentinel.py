@@ -13,10 +13,15 @@ Sentinels (tests/integration/sentinel.py: the role's ACL users, TLS on every lin
 from __future__ import annotations
 
 import json
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from morag import job_events, liveness
@@ -32,6 +37,7 @@ from tests.integration.sentinel import Node, SentinelCluster, sentinel_cluster
 from tests.integration.stack import Stack, wait_until
 
 WORKER = "cpu0@sentinel"
+READY_TIMEOUT = Settings.model_fields["ready_timeout"].default
 
 
 def _settings(cluster: SentinelCluster, role: str, **extra: Any) -> Settings:
@@ -272,3 +278,105 @@ def test_a_worker_keeps_consuming_after_its_primary_froze(
         _runs_after_a_failover(stack, cluster, speech_wav, changes)
     finally:
         old.resume()  # the Sentinels make it a replica of the new primary
+
+
+@dataclass
+class _Answer:
+    started: float
+    took: float
+    status: int | None  # None: no answer within the client's timeout
+    body: str = ""
+
+
+def _submitting(stack: Stack, speech: Path, answers: list[_Answer], stop: threading.Event) -> None:
+    """A client as docs/api.md describes one: each submission with an Idempotency-Key."""
+    with stack.client() as c:
+        c.timeout = httpx.Timeout(30)
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                with open(speech, "rb") as f:
+                    resp = c.post(
+                        "/api/v1/ingest/file",
+                        files={"file": (speech.name, f)},
+                        data={"gpu": "false"},
+                        headers={"Idempotency-Key": str(uuid.uuid4())},
+                    )
+                answers.append(_Answer(t0, time.monotonic() - t0, resp.status_code, resp.text))
+            except httpx.HTTPError:
+                answers.append(_Answer(t0, time.monotonic() - t0, None))
+            time.sleep(0.2)
+
+
+def test_submissions_and_readiness_ride_out_a_failover(
+    ha: tuple[Stack, SentinelCluster], speech_wav: Path
+) -> None:
+    """What HAProxy and the clients see while the primary is frozen and Sentinel promotes a
+    replica (docs/ha.md): /ready answers within MORAG_READY_TIMEOUT every time (HAProxy's
+    check timeout is 2 s) and says `degraded`, not 503, within MORAG_READY_REDIS_GRACE, so
+    the balancer keeps the API; the submissions sent meanwhile wait for the new primary
+    (MORAG_REDIS_FAILOVER_SECONDS) and are accepted: none is refused or left unanswered, and
+    each accepted job is on the new primary."""
+    stack, cluster = ha
+    answers: list[_Answer] = []
+    stop = threading.Event()
+    clients = [
+        threading.Thread(target=_submitting, args=(stack, speech_wav, answers, stop))
+        for _ in range(3)
+    ]
+    for t in clients:
+        t.start()
+    ready: list[tuple[float, float, int, str]] = []  # (since the fault, took, status, body)
+    old = cluster.primary()
+    try:
+        wait_until(lambda: len(answers) >= 3, 60, "submissions before the fault")
+        fault = time.monotonic()
+        old.pause()
+        try:
+            new, promoted = None, 0.0
+            with httpx.Client(base_url=stack.api_url, timeout=10, verify=stack.verify) as c:
+                # HAProxy's view: a check a second until the new primary takes writes.
+                while new is None or time.monotonic() - promoted < 5:
+                    t0 = time.monotonic()
+                    r = c.get("/ready")
+                    ready.append((t0 - fault, time.monotonic() - t0, r.status_code, r.text))
+                    if new is None and cluster.primary_address() not in (None, old.address):
+                        new, promoted = cluster.primary(), time.monotonic()
+                    time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+            wait_until(lambda: cluster.replicas_of(new), 60, "a replica of the new primary")
+            after = time.monotonic()
+            wait_until(
+                lambda: sum(a.started > after and a.status == 202 for a in answers) >= 3,
+                90,
+                "submissions accepted after the failover",
+            )
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(60)
+            old.resume()
+        stack.redis = cluster.admin()
+        during = [a for a in answers if a.started >= fault - 5]
+        print(f"\nfailover of {old.name}: promoted {promoted - fault:.1f} s after the freeze")
+        print(f"{'since':>7} {'took':>6} status  (/ready)")
+        for since, took, status, body in ready:
+            print(f"{since:7.1f} {took:6.2f} {status}  {json.loads(body)['status']}")
+        print(
+            f"submissions from 5 s before: {len(during)}, slowest "
+            f"{max(a.took for a in during):.1f} s; "
+            f"not 202: {[(a.status, a.body[:120]) for a in during if a.status != 202]}"
+        )
+        slow = [(s, took) for s, took, _, _ in ready if took > READY_TIMEOUT + 0.5]
+        assert not slow, f"/ready slower than MORAG_READY_TIMEOUT: {slow}"
+        refused = [(s, status, body) for s, _, status, body in ready if status != 200]
+        assert not refused, f"/ready not 200 during the failover: {refused}"
+        failed = [a for a in answers if a.status != 202]
+        assert not failed, f"submissions not accepted: {failed}"
+        ids = [json.loads(a.body)["task_id"] for a in answers]
+        missing = [i for i in ids if stack.redis.get(f"morag:job:{i}") is None]
+        assert not missing, f"accepted jobs lost in the failover: {missing}"
+    finally:
+        with stack.client() as c:  # the next tests' worker need not run them all
+            for a in answers:
+                if a.status == 202:
+                    c.delete(f"/api/v1/ingest/{json.loads(a.body)['task_id']}")

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     # 0: no WAIT (a primary lost right after a 202 may take the job with it).
     redis_min_replicas: int = Field(default=0, ge=0)
     redis_wait_timeout_ms: int = Field(default=500, gt=0)
+    # With Sentinel, how long a command keeps being sent again after connection errors and
+    # timeouts (each time to the primary the Sentinels name then): longer than a failover
+    # (Sentinel's down-after-milliseconds plus the election), so a submission waits for the
+    # new primary instead of failing. Without Sentinel a command is not retried.
+    redis_failover_seconds: float = Field(default=15.0, ge=0)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     worker_token: SecretStr | None = None
     # Bearer token Prometheus sends to GET /metrics; unset: /metrics answers 404.
@@ -212,6 +217,12 @@ class Settings(BaseSettings):
     api_backlog: int = Field(default=2048, ge=1)
     api_keepalive_timeout: int = Field(default=5, ge=1)
     process_wait: float = Field(default=30.0, ge=0)
+    # GET /ready answers within this many seconds (keep it under the load balancer's check
+    # timeout); Redis silent that long counts as unavailable (morag.api.readiness).
+    ready_timeout: float = Field(default=1.5, gt=0)
+    # With Sentinel, Redis unavailable for less than this is /ready `degraded`, not 503: a
+    # failover stops every API at once. Unset: 10 s with Sentinel, 0 without.
+    ready_redis_grace: float | None = Field(default=None, ge=0)
     # A request waiting for a job (/process/*, status long-poll, /v1/audio/*) is woken by the
     # job's end announcement (morag.job_events); without one it reads the record again at
     # the latest after this many seconds (a lost announcement, a Redis role without the
@@ -295,6 +306,11 @@ class Settings(BaseSettings):
         if self.api_ca_file is None:
             return True
         return ssl.create_default_context(cafile=str(self.api_ca_file))
+
+    def ready_redis_grace_seconds(self) -> float:
+        if self.ready_redis_grace is not None:
+            return self.ready_redis_grace
+        return 10.0 if self.redis_sentinels else 0.0
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """MORAG_REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""

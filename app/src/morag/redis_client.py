@@ -10,10 +10,12 @@ Sentinels are reached with the same TLS options and their own ACL user
 (``MORAG_REDIS_SENTINEL_USERNAME``/``_PASSWORD``). Celery reaches them through kombu's
 Sentinel transport (``broker_settings``).
 
-A client of a Sentinel-found primary also gets a socket timeout and two retries (unless
-the caller sets them): a primary that froze without closing its connections (a hung host,
-a partition) would otherwise hold a command forever while Sentinel promotes a replica, and
-the command that found the old primary gone is sent again to the new one. Pub/Sub
+A client of a Sentinel-found primary also gets a socket timeout and a retry that lasts
+``MORAG_REDIS_FAILOVER_SECONDS`` (unless the caller sets them): a primary that froze
+without closing its connections (a hung host, a partition) would otherwise hold a command
+forever while Sentinel promotes a replica, and the command that found the old primary gone
+is sent again, until the Sentinels name the new one (a count of retries would end sooner or
+later than the failover, depending on what each try costs: a timeout, a refused connect). Pub/Sub
 subscribers check ``on_current_primary`` now and then for the same reason: a subscribed
 connection waits for messages, and a frozen old primary sends none and no error either.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -51,6 +54,9 @@ log = logging.getLogger("morag.redis_client")
 # Seconds a command may wait on a Sentinel-found primary before its connection is dropped
 # and made again (to the primary the Sentinels name then), when the caller sets none.
 SENTINEL_SOCKET_TIMEOUT = 5.0
+# Connecting to it: a LAN host answers in milliseconds, TLS included; one that is gone (its
+# address no longer answers ARP) fails in about 3 s.
+SENTINEL_CONNECT_TIMEOUT = 3.0
 # Connections to the Sentinels themselves: a Sentinel that does not answer is skipped.
 SENTINEL_QUERY_TIMEOUT = 2.0
 # kombu's checks of its BRPOP and pub/sub connections, seconds (morag.celery_app); with
@@ -228,6 +234,42 @@ class _SSLConnection(_Watched, _FollowingConnection, SentinelManagedSSLConnectio
     pass
 
 
+class FailoverRetry(Retry):
+    """Sends a command again after connection errors and timeouts until ``seconds`` have
+    passed since its first failure: a deadline, not a count of tries."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(ExponentialWithJitterBackoff(base=0.25, cap=1.0), -1)
+        self.seconds = seconds
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        deadline: float | None = None
+        failures = 0
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                now = time.monotonic()
+                deadline = deadline or now + self.seconds
+                pause = self._backoff.compute(failures)
+                if now + pause >= deadline:
+                    raise error
+                time.sleep(pause)
+
+
 def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     """A client of the Redis primary; ``kwargs`` are redis-py connection options
     (socket_timeout, health_check_interval, ...)."""
@@ -239,9 +281,10 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
         )
         return redis.Redis.from_url(url, **kwargs)
     kwargs.setdefault("socket_timeout", SENTINEL_SOCKET_TIMEOUT)
+    kwargs.setdefault("socket_connect_timeout", SENTINEL_CONNECT_TIMEOUT)
     # A command that met the old primary (connection refused or reset, READONLY, timed out)
     # is sent again, on a connection to the primary the Sentinels name by then.
-    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.25, cap=1.0), 2))
+    kwargs.setdefault("retry", FailoverRetry(settings.redis_failover_seconds))
     options = _url_options(settings)
     options["connection_class"] = _SSLConnection if options.pop("ssl", False) else _Connection
     sentinel = Sentinel(

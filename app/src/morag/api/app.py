@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from morag import __version__, job_events
 from morag.api import errors, http_metrics
 from morag.api.guard import RequestGuard
+from morag.api.readiness import ReadinessProbe
 from morag.api.routers import (
     docs,
     files,
@@ -55,10 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Wakes the requests waiting for a job at its end (morag.job_events).
         services.job_ends = EndListener(redis_client(settings, **job_events.CLIENT_OPTIONS))
         services.job_ends.start()
+        app.state.readiness = readiness = ReadinessProbe(services)
         if secret_of(settings) is None:
             log.warning(UNSIGNED_NOTE)
         yield
         services.job_ends.stop()
+        readiness.close()
         services.redis.close()
 
     app = FastAPI(
