@@ -17,8 +17,9 @@ the network's gateway (.1), which the hosts' MORAG_URL_ALLOWLIST lets through
 (tests/lab/ha-vars.yml, passed with -e).
 
 `chaos` prints, per fault, the submit unavailability window (first to last failed submission
-after the fault) and the 503s the clients saw; it fails unless every job that got a 202 ended
-`succeeded` with one attempt that succeeded and exactly one webhook.
+after the fault), the 503s the clients saw and the slowest accepted submission; it fails
+unless every job that got a 202 ended `succeeded` with one attempt that succeeded and
+exactly one webhook.
 """
 
 from __future__ import annotations
@@ -275,14 +276,18 @@ class Clients:
             return len(self.accepted)
 
 
-def window(attempts: list[Submission], since: float, until: float) -> tuple[float, int, int]:
+def window(attempts: list[Submission], since: float, until: float) -> tuple[float, int, int, float]:
     """Unavailability after a fault: from the first failed submission to the end of the last
-    one before `until`; the 503s and the other failures (no answer, 502/504) among them."""
-    failed = [a for a in attempts if since <= a.started < until and a.status != 202]
+    one before `until`; the 503s and the other failures (no answer, 502/504) among them; and
+    the slowest 202 (a submission that waited out the fault is no failure, but a wait)."""
+    during = [a for a in attempts if since <= a.started < until]
+    slowest = max((a.ended - a.started for a in during if a.status == 202), default=0.0)
+    failed = [a for a in during if a.status != 202]
     if not failed:
-        return 0.0, 0, 0
+        return 0.0, 0, 0, slowest
     span = max(a.ended for a in failed) - min(a.started for a in failed)
-    return span, sum(a.status == 503 for a in failed), sum(a.status != 503 for a in failed)
+    n503 = sum(a.status == 503 for a in failed)
+    return span, n503, sum(a.status != 503 for a in failed), slowest
 
 
 def wait_accepted(clients: Clients, count: int, timeout: float = 300) -> None:
@@ -343,11 +348,11 @@ def chaos(jobs: int = 120) -> int:
     lab.wait_for(lambda: all(hooks.count.get(i) for i in ids), 300, "a webhook for every job", 1)
 
     print()
-    print(f"{'fault':<40} {'unavailable':>12} {'503s':>6} {'other':>6}")
+    print(f"{'fault':<40} {'unavailable':>12} {'503s':>6} {'other':>6} {'slowest 202':>12}")
     bounds = [t for _, t in faults] + [time.monotonic()]
     for (name, at), until in zip(faults, bounds[1:], strict=True):
-        span, n503, other = window(clients.attempts, at, until)
-        print(f"{name:<40} {span:>11.2f}s {n503:>6} {other:>6}")
+        span, n503, other, slowest = window(clients.attempts, at, until)
+        print(f"{name:<40} {span:>11.2f}s {n503:>6} {other:>6} {slowest:>11.2f}s")
     total503 = sum(a.status == 503 for a in clients.attempts)
     print(f"jobs {len(ids)}, submissions {len(clients.attempts)}, 503s {total503}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,29 @@ def test_sentinel_clients_get_the_failover_retry() -> None:
     # Without Sentinel the client is MORAG_REDIS_URL's as it stands.
     plain = redis_client(Settings(redis_url="redis://127.0.0.1:6379/0"))
     assert not isinstance(plain.connection_pool.connection_kwargs.get("retry"), FailoverRetry)
+
+
+def test_a_hung_shared_dir_is_named_not_redis(
+    tmp_path: Path, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard NFS mount whose server is gone hangs the directory check, not Redis."""
+    db = redis_server.fresh_db()
+    probe = _probe(tmp_path, 0, redis_url=redis_server.role_urls(db)["api"])  # the role's user
+    release = threading.Event()
+    real_mkdir = Path.mkdir
+
+    def hanging_mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == probe.services.settings.uploads_dir:
+            release.wait(30)
+        real_mkdir(self, *args, **kwargs)
+
+    try:
+        assert asyncio.run(probe.report())[0] == 200
+        monkeypatch.setattr(Path, "mkdir", hanging_mkdir)
+        status, body = asyncio.run(probe.report())
+        assert status == 503, body
+        assert body["checks"]["redis"] == "ok"
+        assert body["checks"]["shared_dir"].startswith("unavailable: no answer within"), body
+    finally:
+        release.set()
+        probe.close()

@@ -60,6 +60,7 @@ class Checks:
 
     redis: str | None = None
     shared_dir: str = "ok"
+    stage: str = "redis"  # the check running (a check that timed out is named after it)
     degraded: dict[str, Any] = field(default_factory=dict)
     informational: dict[str, Any] = field(default_factory=dict)
 
@@ -81,7 +82,9 @@ class ReadinessProbe:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="morag-ready")
         self._lock = threading.Lock()
-        self._running: Future[Checks] | None = None
+        self._running: Future[None] | None = None
+        self._checks = Checks()
+        self._shared_dir = "ok"  # what the last check that got that far found
         self._redis_down_since: float | None = None
 
     def close(self) -> None:
@@ -90,20 +93,30 @@ class ReadinessProbe:
 
     async def report(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) of ``GET /ready``."""
-        running = self._check_started()
+        running, checks = self._check_started()
         try:
-            checks = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(running)), self.timeout
-            )
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), self.timeout)
         except TimeoutError:
-            checks = Checks(redis=f"no answer within MORAG_READY_TIMEOUT ({self.timeout:g} s)")
+            # The check that has not answered (Redis, or a hung mount of the shared dir) is
+            # named; what answered counts; a shared dir not reached yet, as last found.
+            silent = f"no answer within MORAG_READY_TIMEOUT ({self.timeout:g} s)"
+            checks = Checks(
+                redis=silent if checks.stage == "redis" else checks.redis,
+                shared_dir={
+                    "redis": self._shared_dir,
+                    "shared_dir": f"unavailable: {silent}",
+                }.get(checks.stage, checks.shared_dir),
+                degraded=dict(checks.degraded),
+                informational=dict(checks.informational),
+            )
         return self._verdict(checks, time.monotonic())
 
-    def _check_started(self) -> Future[Checks]:
+    def _check_started(self) -> tuple[Future[None], Checks]:
         with self._lock:
             if self._running is None or self._running.done():
-                self._running = self._executor.submit(self._check)
-            return self._running
+                self._checks = Checks()
+                self._running = self._executor.submit(self._check, self._checks)
+            return self._running, self._checks
 
     def _verdict(self, checks: Checks, now: float) -> tuple[int, dict[str, Any]]:
         body: dict[str, Any] = {}
@@ -130,9 +143,8 @@ class ReadinessProbe:
         body.update(checks.informational)
         return (200 if ok else 503), {"status": status, "checks": body}
 
-    def _check(self) -> Checks:
-        svc = self.services
-        checks = Checks()
+    def _check(self, checks: Checks) -> None:
+        """Fills ``checks`` as it goes (a request that stops waiting reads what is there)."""
         try:
             self._ping.ping()
         except redis.RedisError as exc:
@@ -143,13 +155,15 @@ class ReadinessProbe:
                 self._fleet_checks(checks)
             except redis.RedisError as exc:
                 checks.redis = type(exc).__name__
-        uploads = svc.settings.uploads_dir
+        checks.stage = "shared_dir"
+        uploads = self.services.settings.uploads_dir
         try:
             uploads.mkdir(parents=True, exist_ok=True)
             checks.shared_dir = "ok" if os.access(uploads, os.W_OK) else "not writable"
         except OSError as exc:
             checks.shared_dir = f"unavailable: {exc.strerror}"
-        return checks
+        self._shared_dir = checks.shared_dir
+        checks.stage = "done"
 
     def _follow_primary(self) -> None:
         """The ping found another primary than the API's own client last reached (after a
