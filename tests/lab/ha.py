@@ -111,6 +111,12 @@ def provision() -> None:
         check=True,
     )
     log(f"site.yml with the HA inventory done in {time.monotonic() - started:.0f}s")
+    # The server no longer serves Redis: its firewall opens no Redis port any more (a Redis
+    # left running there from before the conversion is out of the fleet's reach).
+    ruleset = lab.docker("exec", lab.SERVER, "cat", "/etc/nftables.d/morag.nft").stdout
+    opened = [line.strip() for line in ruleset.splitlines() if "6379" in line or "6380" in line]
+    if opened:
+        raise SystemExit(f"the server's firewall still opens Redis: {opened}")
 
 
 def client(timeout: float = 30) -> httpx.Client:

@@ -105,9 +105,9 @@ def test_a_failover_is_degraded_within_the_grace(tmp_path: Path) -> None:
         probe.close()
 
 
-def test_the_grace_defaults_to_ten_seconds_with_sentinel_only() -> None:
+def test_the_grace_defaults_to_the_failover_seconds_with_sentinel_only() -> None:
     assert Settings().ready_redis_grace_seconds() == 0
-    assert Settings(redis_sentinels="10.0.0.5:26379").ready_redis_grace_seconds() == 10
+    assert Settings(redis_sentinels="10.0.0.5:26379").ready_redis_grace_seconds() == 15
     assert (
         Settings(redis_sentinels="10.0.0.5:26379", ready_redis_grace=3).ready_redis_grace_seconds()
         == 3

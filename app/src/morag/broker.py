@@ -27,12 +27,15 @@ import json
 import logging
 from typing import Any
 
+import redis
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
+from redis.sentinel import SentinelManagedConnection
 
 from morag.config import DECLARED_QUEUES
+from morag.redis_client import WRITE_REFUSALS
 
 log = logging.getLogger("morag.broker")
 
@@ -144,6 +147,39 @@ class QoS(kombu_redis.QoS):
         _count(ENVELOPE, "unacked")
 
 
+class _RefusalIsLoss:
+    """A connection on which Redis refusing writes for now (NOREPLICAS right after a
+    failover, until a replica follows the new primary; OOM, MISCONF, ...) reads as a lost
+    connection. kombu ends the worker on an error reply in several places (the BRPOP, the
+    mutex of its restore at each connect, the refresh of the bindings): "Unrecoverable
+    error: server:ResponseError". A refused write changed nothing; as a lost connection
+    Celery reconnects, with its retries, until Redis takes writes again."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if str(exc).split(" ", 1)[0] not in WRITE_REFUSALS:
+                raise
+            raise redis.ConnectionError(f"Redis takes no writes for now: {exc}") from exc
+
+
+class _Connection(_RefusalIsLoss, redis.Connection):
+    pass
+
+
+class _SSLConnection(_RefusalIsLoss, redis.SSLConnection):
+    pass
+
+
+class _SentinelConnection(_RefusalIsLoss, SentinelManagedConnection):
+    pass
+
+
+class _SentinelSSLConnection(_RefusalIsLoss, kombu_redis.SentinelManagedSSLConnection):
+    pass
+
+
 class _CheckingChannel:
     """What both channels (plain Redis and Sentinel) add to kombu's."""
 
@@ -170,11 +206,13 @@ class _CheckingChannel:
 
 
 class Channel(_CheckingChannel, kombu_redis.Channel):
-    pass
+    connection_class = _Connection
+    connection_class_ssl = _SSLConnection
 
 
 class SentinelChannel(_CheckingChannel, kombu_redis.SentinelChannel):
-    pass
+    connection_class = _SentinelConnection
+    connection_class_ssl = _SentinelSSLConnection
 
 
 class _CheckingTransport:

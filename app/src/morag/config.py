@@ -221,7 +221,8 @@ class Settings(BaseSettings):
     # timeout); Redis silent that long counts as unavailable (morag.api.readiness).
     ready_timeout: float = Field(default=1.5, gt=0)
     # With Sentinel, Redis unavailable for less than this is /ready `degraded`, not 503: a
-    # failover stops every API at once. Unset: 10 s with Sentinel, 0 without.
+    # failover stops every API at once. Unset: redis_failover_seconds with Sentinel (as long
+    # as submissions wait for the new primary), 0 without.
     ready_redis_grace: float | None = Field(default=None, ge=0)
     # A request waiting for a job (/process/*, status long-poll, /v1/audio/*) is woken by the
     # job's end announcement (morag.job_events); without one it reads the record again at
@@ -310,7 +311,7 @@ class Settings(BaseSettings):
     def ready_redis_grace_seconds(self) -> float:
         if self.ready_redis_grace is not None:
             return self.ready_redis_grace
-        return 10.0 if self.redis_sentinels else 0.0
+        return self.redis_failover_seconds if self.redis_sentinels else 0.0
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """MORAG_REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""

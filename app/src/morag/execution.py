@@ -25,6 +25,7 @@ from morag.job_record import TERMINAL, JobRecord, Result, Route
 from morag.jobs import Claim, JobStore
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
+from morag.redis_client import WRITE_REFUSALS
 from morag.routing import gpu_failure_route, rescued_route
 from morag.runtime import Runtime
 from morag.webhooks import notify_end
@@ -35,13 +36,6 @@ PROGRESS_EVERY = 0.5  # seconds between progress writes
 DECLINE_PAUSE = 2.0  # seconds a worker waits before sending back a job it declined before
 
 T = TypeVar("T")
-
-# Error codes Redis answers while it cannot take writes for a while: memory full under
-# noeviction (OOM), a replica (READONLY), a failed snapshot (MISCONF), a busy script (BUSY),
-# a failover (MASTERDOWN, NOREPLICAS, TRYAGAIN, CLUSTERDOWN). Waited out like an outage.
-REFUSALS = frozenset(
-    {"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN"}
-)
 
 
 def redis_reason(exc: redis.RedisError) -> str:
@@ -59,7 +53,7 @@ def passing_outage(exc: BaseException) -> str | None:
         return f"Redis unavailable ({exc})"
     if isinstance(exc, redis.ResponseError):
         reason = redis_reason(exc)
-        if reason.split(" ", 1)[0] in REFUSALS:
+        if reason.split(" ", 1)[0] in WRITE_REFUSALS:
             return f"Redis refuses writes ({reason})"
     return None
 

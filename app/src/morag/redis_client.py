@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.client import Pipeline
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.retry import Retry
@@ -63,6 +63,13 @@ SENTINEL_QUERY_TIMEOUT = 2.0
 # Sentinel shorter than without, so a consumer left on a frozen old primary moves within
 # about 1 + 2 x this (celery#6348).
 SENTINEL_BROKER_HEALTH_CHECK = 5
+
+# Error codes Redis answers while it cannot take writes for a while: memory full under
+# noeviction (OOM), a replica (READONLY), a failed snapshot (MISCONF), a busy script (BUSY),
+# a failover (MASTERDOWN, NOREPLICAS, TRYAGAIN, CLUSTERDOWN). Waited out like an outage.
+WRITE_REFUSALS = frozenset(
+    {"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN"}
+)
 
 _SSL_CERT_REQS = {
     "none": ssl.CERT_NONE,
@@ -91,6 +98,10 @@ def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_timeout": SENTINEL_QUERY_TIMEOUT,
         "socket_connect_timeout": SENTINEL_QUERY_TIMEOUT,
+        # Asked once: the next Sentinel is asked instead. redis-py's default (three retries,
+        # backoff up to 10 s) held every lookup about 15 s on a Sentinel whose host was gone
+        # (the primary's, in a failover) before the next one was asked.
+        "retry": Retry(NoBackoff(), 0),
         **_tls_options(_url_options(settings)),
     }
     password = settings.redis_sentinel_password

@@ -251,6 +251,12 @@ def admit(
     if idem is not None:
         entry = idem.entry(ids, batch_id)
         reserve = (idem.redis_key, entry, min(idem.ttl, services.settings.job_ttl))
+    # Right after a Sentinel failover the new primary has no replica for a moment (the others
+    # are being re-pointed at it): a refusal for want of replicas is tried again meanwhile.
+    replicas_until = time.monotonic() + (
+        settings.redis_failover_seconds if settings.redis_sentinels else 0.0
+    )
+    pause = 0.25
     # The records and their outbox entries first, then the messages: if this process dies
     # in between, a worker's reconciler sends them after the grace.
     while True:
@@ -276,6 +282,12 @@ def admit(
                     f"or may not exist (job ids {', '.join(ids)}); retry with the same "
                     "Idempotency-Key"
                 ) from exc
+            if outcome and time.monotonic() + pause < replicas_until:
+                # Withdrawn: written again as new (same ids) once a replica may follow.
+                log.info("jobs %s: no replica yet (a failover?); trying again", ",".join(ids))
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
             if outcome:
                 services.refusals.count("replicas")
                 raise BrokerUnavailable(
@@ -288,6 +300,10 @@ def admit(
         except redis.RedisError as exc:
             if _too_few_replicas(exc):
                 # min-replicas-to-write: the primary discarded the whole transaction.
+                if time.monotonic() + pause < replicas_until:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
                 log.warning("jobs %s refused: %s", ",".join(ids), exc)
                 services.refusals.count("noreplicas")
                 raise BrokerUnavailable(

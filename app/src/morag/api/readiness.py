@@ -29,8 +29,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from morag.config import STORE_QUEUE
-from morag.fleet import GpuWorkers, gpu_workers
+from morag.fleet import CachedFleet, GpuWorkers, gpu_workers
 from morag.redis_client import redis_client, redis_health, refresh_primary
+from morag.runtime import job_store
 from morag.submission import Services
 
 NO_STORE_WORKER = (
@@ -80,6 +81,12 @@ class ReadinessProbe:
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),
         )
+        # The fleet and the outbox read on it too: the API's own client sends a command
+        # again for MORAG_REDIS_FAILOVER_SECONDS, which would hold the one check thread.
+        self._fleet = CachedFleet(
+            self._ping, settings.fleet_cache_seconds, settings.liveness_interval
+        )
+        self._store = job_store(self._ping, settings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="morag-ready")
         self._lock = threading.Lock()
         self._running: Future[None] | None = None
@@ -174,15 +181,14 @@ class ReadinessProbe:
             refresh_primary(self.services.redis)
 
     def _fleet_checks(self, checks: Checks) -> None:
-        svc = self.services
-        state = svc.fleet.get()
+        state = self._fleet.get()
         # checks.gpu_workers: the cuda workers whose heartbeat carries a passed CUDA check.
         # Informational, never degraded: without GPU workers gpu=true jobs run on CPU by design.
         checks.informational["gpu_workers"] = gpu_workers_text(gpu_workers(state.heartbeats))
-        if svc.settings.store_ingested and not state.snapshot.consumers_of(STORE_QUEUE):
+        if self.services.settings.store_ingested and not state.snapshot.consumers_of(STORE_QUEUE):
             checks.degraded["store_worker"] = NO_STORE_WORKER
         # Past the grace only: every submission holds an entry for a moment.
-        unsent = len(svc.store.outbox_due())
+        unsent = len(self._store.outbox_due())
         if unsent:
             checks.degraded["outbox"] = (
                 f"{unsent} job message(s) not sent within MORAG_OUTBOX_GRACE: is any "
