@@ -214,6 +214,7 @@ class Submission:
     started: float
     ended: float
     status: int | None  # None: no answer (connection error, timeout)
+    detail: str = ""  # a failure's answer or error, shown with the figures
 
 
 @dataclass
@@ -256,6 +257,7 @@ class Clients:
         while time.monotonic() < deadline:
             t0 = time.monotonic()
             status: int | None = None
+            detail = ""
             try:
                 with open(self.wav, "rb") as f:
                     resp = c.post(
@@ -265,10 +267,11 @@ class Clients:
                         headers={"Idempotency-Key": key},
                     )
                 status = resp.status_code
-            except httpx.HTTPError:
-                pass
+                detail = resp.text[:200] if status != 202 else ""
+            except httpx.HTTPError as exc:
+                detail = f"{type(exc).__name__}: {exc}"[:200]
             with self.lock:
-                self.attempts.append(Submission(t0, time.monotonic(), status))
+                self.attempts.append(Submission(t0, time.monotonic(), status, detail))
                 if status == 202:
                     self.accepted[key] = resp.json()["task_id"]
                     return
@@ -359,6 +362,9 @@ def chaos(jobs: int = 120) -> int:
     for (name, at), until in zip(faults, bounds[1:], strict=True):
         span, n503, other, slowest = window(clients.attempts, at, until)
         print(f"{name:<40} {span:>11.2f}s {n503:>6} {other:>6} {slowest:>11.2f}s")
+        for a in [a for a in clients.attempts if at <= a.started < until and a.status != 202][:8]:
+            took = a.ended - a.started
+            print(f"    +{a.started - at:6.1f}s took {took:5.1f}s {a.status}: {a.detail}")
     total503 = sum(a.status == 503 for a in clients.attempts)
     print(f"jobs {len(ids)}, submissions {len(clients.attempts)}, 503s {total503}")
 
