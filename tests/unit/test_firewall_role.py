@@ -308,3 +308,46 @@ def test_a_fleet_name_that_does_not_resolve_is_named(tmp_path: Path) -> None:
     assert "firewall_fleet_extra" in output
     assert "localhost, ghost" not in output and "invalid, localhost" not in output
     assert not (tmp_path / "fleet_rule.nft").exists()
+
+
+SERVED_PLAY = """
+- name: The server's rules as an HA inventory leaves them
+  hosts: server
+  gather_facts: false
+  vars_files: [{defaults}]
+  tasks:
+    - name: Show them
+      ansible.builtin.debug:
+        msg: "SERVED {{{{ firewall_server_rules_served | map(attribute='name') | join(',') }}}}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("groups", "served"),
+    [
+        ({}, "redis,nfs,api"),
+        ({"redis": ["r1", "r2", "r3"]}, "nfs,api"),
+        ({"api": ["a2"]}, "redis,nfs"),
+        ({"redis": ["r1", "r2", "r3"], "api": ["srv", "a2"]}, "nfs,api"),
+    ],
+)
+def test_the_server_opens_only_what_it_serves(
+    tmp_path: Path, groups: dict[str, list[str]], served: str
+) -> None:
+    """With a `redis` group the server runs no Redis, with an `api` group it is not in no
+    API: their ports stay shut there (a Redis left from before an HA conversion included)."""
+    inventory = {"all": {"children": {"server": {"hosts": {"srv": None}}}}}
+    for group, hosts in groups.items():
+        inventory["all"]["children"][group] = {"hosts": dict.fromkeys(hosts)}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    defaults = ROOT / "roles" / "firewall" / "defaults" / "main.yml"
+    (tmp_path / "play.yml").write_text(SERVED_PLAY.format(defaults=defaults))
+    out = subprocess.run(
+        [ANSIBLE, "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml")],
+        env={**ansible_env(), "ANSIBLE_CONNECTION": "local"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SERVED {served}" in out.stdout, out.stdout
