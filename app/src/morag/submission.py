@@ -273,8 +273,14 @@ def admit(
             # before anything is sent, so none of them runs (unless a worker already took
             # one, which only a reconciler past the outbox grace could have sent).
             reason = f"Redis did not copy the job to enough replicas: {exc}"
-            log.warning("jobs %s refused: %s", ",".join(ids), reason)
             outcome = _take_back(services, ids, reason, batch_id, reserve)
+            if outcome and time.monotonic() + pause < replicas_until:
+                # Withdrawn: written again as new (same ids) once a replica may follow.
+                log.info("jobs %s: no replica yet (a failover?); trying again", ",".join(ids))
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            log.warning("jobs %s refused: %s", ",".join(ids), reason)
             if outcome is None:
                 services.refusals.count("unknown")
                 raise SubmissionUnknown(
@@ -282,12 +288,6 @@ def admit(
                     f"or may not exist (job ids {', '.join(ids)}); retry with the same "
                     "Idempotency-Key"
                 ) from exc
-            if outcome and time.monotonic() + pause < replicas_until:
-                # Withdrawn: written again as new (same ids) once a replica may follow.
-                log.info("jobs %s: no replica yet (a failover?); trying again", ",".join(ids))
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
-                continue
             if outcome:
                 services.refusals.count("replicas")
                 raise BrokerUnavailable(
