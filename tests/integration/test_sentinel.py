@@ -362,6 +362,8 @@ def test_submissions_and_readiness_ride_out_a_failover(
             with httpx.Client(base_url=stack.api_url, timeout=10, verify=stack.verify) as c:
                 # HAProxy's view: a check a second until the new primary takes writes.
                 while new is None or time.monotonic() - promoted < 5:
+                    if new is None and time.monotonic() - fault > 60:
+                        raise AssertionError(f"no failover away from {old.name} in 60 s")
                     t0 = time.monotonic()
                     r = c.get("/ready")
                     ready.append((t0 - fault, time.monotonic() - t0, r.status_code, r.text))

@@ -257,6 +257,16 @@ def admit(
         settings.redis_failover_seconds if settings.redis_sentinels else 0.0
     )
     pause = 0.25
+
+    def waited_for_a_replica() -> bool:
+        """Slept before the next try (0.25 s doubling to 1 s), or False when that time is over."""
+        nonlocal pause
+        if time.monotonic() + pause >= replicas_until:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)
+        return True
+
     # The records and their outbox entries first, then the messages: if this process dies
     # in between, a worker's reconciler sends them after the grace.
     while True:
@@ -274,11 +284,9 @@ def admit(
             # one, which only a reconciler past the outbox grace could have sent).
             reason = f"Redis did not copy the job to enough replicas: {exc}"
             outcome = _take_back(services, ids, reason, batch_id, reserve)
-            if outcome and time.monotonic() + pause < replicas_until:
+            if outcome and waited_for_a_replica():
                 # Withdrawn: written again as new (same ids) once a replica may follow.
                 log.info("jobs %s: no replica yet (a failover?); trying again", ",".join(ids))
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
                 continue
             log.warning("jobs %s refused: %s", ",".join(ids), reason)
             if outcome is None:
@@ -300,9 +308,7 @@ def admit(
         except redis.RedisError as exc:
             if _too_few_replicas(exc):
                 # min-replicas-to-write: the primary discarded the whole transaction.
-                if time.monotonic() + pause < replicas_until:
-                    time.sleep(pause)
-                    pause = min(pause * 2, 1.0)
+                if waited_for_a_replica():
                     continue
                 log.warning("jobs %s refused: %s", ",".join(ids), exc)
                 services.refusals.count("noreplicas")
