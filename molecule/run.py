@@ -21,6 +21,7 @@ Entries of PYTEST are pytest files on the same images, not molecule scenarios.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -70,6 +71,28 @@ WEIGHT = {
 }
 
 
+# Lines of a failed scenario's log that say why: Ansible's failures and their messages, the
+# lab scripts' PROBLEM and wait_for lines, pytest's failure lines.
+WHY = re.compile(
+    r"^(fatal: |failed: |ERROR|CRITICAL|PROBLEM:|SystemExit|TimeoutError|E  |FAILED |"
+    r"\S*(Error|Exception): )|\"msg\": |timed out|gave up"
+)
+# Noise that matches: retries still under way, molecule's note on the scenario without default.
+NOT_WHY = re.compile(r"FAILED - RETRYING|glob failed")
+# `make test` prints this file after its stage table, the last lines CI shows.
+DIGEST = ROOT / ".cache" / "failures.txt"
+
+
+def why(log: Path, lines: int = 12) -> list[str]:
+    """The last lines of the log that say why it failed, each cut to 300 characters."""
+    found = [
+        line.strip()[:300]
+        for line in log.read_text(errors="replace").splitlines()
+        if WHY.search(line.strip()) and not NOT_WHY.search(line)
+    ]
+    return found[-lines:]
+
+
 def run(cmd: list[str], log: Path | None = None) -> bool:
     env = dict(
         os.environ,
@@ -92,6 +115,10 @@ def run(cmd: list[str], log: Path | None = None) -> bool:
         # One print: lanes running beside this one do not cut into it.
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
         print(f"--- last lines of {log}:\n{tail}", flush=True)
+        reasons = why(log) or ["(no line of the log says; read it whole)"]
+        with open(DIGEST, "a") as digest:
+            digest.write(f"{log.stem} failed (log: {log}):\n")
+            digest.writelines(f"  {line}\n" for line in reasons)
     return ok
 
 
@@ -121,6 +148,8 @@ def main(argv: list[str]) -> int:
         return 2
     logs = ROOT / ".cache" / "molecule-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("MORAG_PREPARED"):
+        DIGEST.unlink(missing_ok=True)  # `make test` empties it before its stages
     results: list[tuple[str, float, bool]] = []
     images = ["molecule/images/build.sh"]
     if PYTEST.keys() & set(scenarios):
@@ -194,6 +223,8 @@ def report(results: list[tuple[str, float, bool]], scenarios: list[str]) -> int:
     for name in skipped:
         print(f"{name.ljust(width)}  {'-':>6}    skipped")
     print(f"{'total'.ljust(width)}  {sum(s for _, s, _ in results):6.0f}s")
+    if DIGEST.exists():
+        print(DIGEST.read_text(), end="")
     return 0 if all(ok for _, _, ok in results) and not skipped else 1
 
 

@@ -67,8 +67,14 @@ def run_group(group: list[str]) -> list[tuple[str, float, bool]]:
     return [(stage, *results[stage]) for stage in group]
 
 
+# Where a stage leaves the lines that say why it failed (molecule/run.py does): printed last,
+# as CI shows only the end of the output.
+DIGEST = ROOT / ".cache" / "failures.txt"
+
+
 def main(stages: list[str]) -> int:
     wall = time.monotonic()
+    DIGEST.unlink(missing_ok=True)
     results: list[tuple[str, float, bool]] = []
     done: set[str] = set()
     for entry in stages:
@@ -92,6 +98,8 @@ def main(stages: list[str]) -> int:
     for stage in skipped:
         print(f"{stage.ljust(width)}  {'-':>6}    skipped")
     print(f"{'wall'.ljust(width)}  {time.monotonic() - wall:6.1f}s")
+    if DIGEST.exists():
+        print("\nwhy:\n" + DIGEST.read_text(), end="", flush=True)
     return 0 if results and all(ok for _, _, ok in results) and not skipped else 1
 
 
