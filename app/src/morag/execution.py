@@ -252,7 +252,7 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
     assert record is not None
     if record.force_cpu and device != "cpu":
         device = "cpu"
-        _set_attempt_device(rt, task_id, owner, device)
+        rt.store.set_attempt_device(task_id, owner, device)
     scratch = files.scratch_dir(rt.settings, task_id)
 
     outcome: Outcome | None = None
@@ -378,16 +378,6 @@ def _record(rt: Runtime, task_id: str, owner: str, worker: str, outcome: Outcome
     elif outcome.to_store:
         dispatch(rt.store, task_id, STORE_QUEUE)
     return True
-
-
-def _set_attempt_device(rt: Runtime, task_id: str, owner: str, device: str) -> None:
-    def change(rec: JobRecord, holder: str | None) -> JobRecord | None:
-        if holder != owner or not rec.attempts:
-            return None
-        rec.attempts[-1].device = device
-        return rec
-
-    rt.store.update(task_id, change)
 
 
 def _fall_back_to_cpu(

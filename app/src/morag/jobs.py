@@ -507,6 +507,56 @@ class JobStore:
         # A lease that lapsed during a Redis outage is taken back with the write.
         self.update(task_id, change, lease=owner)
 
+    def set_attempt_device(self, task_id: str, owner: str, device: str) -> None:
+        """Write the device the attempt ``owner`` runs on (cuda or cpu, once it is known)."""
+
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if holder != owner or not record.attempts:
+                return None
+            record.attempts[-1].device = device
+            return record
+
+        self.update(task_id, change)
+
+    def adopt_pieces(self, task_id: str, owner: str, pieces: list[str]) -> list[str] | None:
+        """Write the ids of a split job's pieces into it (the API cancels them with it).
+
+        Answers the pieces of an earlier attempt it held (to cancel), or None when the
+        attempt ``owner`` no longer runs the job."""
+        earlier: list[str] = []
+        done = {"ok": False}
+
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if holder != owner or record.status != RUNNING:
+                return None
+            earlier[:] = record.pieces
+            record.pieces = list(pieces)
+            done["ok"] = True
+            return record
+
+        self.update(task_id, change)
+        return earlier if done["ok"] else None
+
+    def take_back_piece(self, piece_id: str, holder_seen: str | None, reason: str) -> bool:
+        """End a piece that is queued, or running under ``holder_seen`` (a lost worker), so
+        that its job's worker transcribes it: a late delivery or a late result of it is
+        refused (the claim and the finish skip an ended job). False when it moved on."""
+        taken = {"ok": False}
+
+        def change(record: JobRecord, holder: str | None) -> JobRecord | None:
+            if record.parent_id is None:
+                return None  # only a piece of a split job is taken back
+            if record.status == QUEUED or (record.status == RUNNING and holder == holder_seen):
+                _close_open_attempt(record, reason)
+                record.status = CANCELLED
+                record.error = reason
+                taken["ok"] = True
+                return record
+            return None
+
+        self.update(piece_id, change, lease=None, on_commit=metrics.job_ended)
+        return taken["ok"]
+
     def finish(
         self,
         task_id: str,

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from morag import files, fleet, jobs, metrics, splitting
+from morag import files, fleet, jobs, splitting
 from morag.celery_app import dispatch
 from morag.job_record import TERMINAL, JobRecord, JobStatus, Route, Source
 from morag.processors.base import ProcessContext, ProcessingError, SplitOutcome, Transcribe
@@ -268,17 +268,8 @@ class JobSplitter:
     def _adopt(self, ids: list[str]) -> None:
         """Write the pieces' ids into the job (the API cancels them with it); pieces of an
         earlier attempt of the job (its worker died) are cancelled and their files removed."""
-        earlier: list[str] = []
-
-        def change(rec: JobRecord, holder: str | None) -> JobRecord | None:
-            if holder != self.owner or rec.status != JobStatus.running:
-                return None
-            earlier[:] = rec.pieces
-            rec.pieces = list(ids)
-            return rec
-
-        new = self.rt.store.update(self.task_id, change)
-        if new is None or new.pieces != ids:
+        earlier = self.rt.store.adopt_pieces(self.task_id, self.owner, ids)
+        if earlier is None:
             raise ProcessingError("the job was cancelled or taken over before it was split")
         for rec in self.rt.store.get_many(earlier):
             self.rt.store.cancel(rec.task_id, "its job started over")
@@ -340,27 +331,8 @@ class JobSplitter:
         return float(piece["start"]), float(piece["end"])
 
     def _take_back(self, pid: str, holder_seen: str | None, reason: str) -> bool:
-        """End a piece that is queued, or running under ``holder_seen`` (a lost worker), so
-        that this worker transcribes it: a late delivery or a late result of it is refused
-        (the claim and the finish skip an ended job). False when it moved on meanwhile."""
-        taken = {"ok": False}
-
-        def change(rec: JobRecord, holder: str | None) -> JobRecord | None:
-            if rec.status == JobStatus.queued or (
-                rec.status == JobStatus.running and holder == holder_seen
-            ):
-                attempt = rec.open_attempt
-                if attempt is not None:
-                    attempt.finished_at = jobs.now_iso()
-                    attempt.error = reason
-                rec.status = JobStatus.cancelled
-                rec.error = reason
-                taken["ok"] = True
-                return rec
-            return None
-
-        self.rt.store.update(pid, change, lease=None, on_commit=metrics.job_ended)
-        return taken["ok"]
+        """End a piece so that this worker transcribes it (JobStore.take_back_piece)."""
+        return self.rt.store.take_back_piece(pid, holder_seen, reason)
 
     def _clean_up(self, ids: list[str], uploads: list[str]) -> None:
         """Pieces still running are cancelled (the job failed or was cancelled), their files
