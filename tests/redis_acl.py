@@ -14,7 +14,9 @@ from urllib.parse import quote
 import yaml
 
 DEFAULTS = Path(__file__).resolve().parent.parent / "roles" / "redis" / "defaults" / "main.yml"
-ROLES = ("api", "worker", "store")
+# worker_api: the GPU/CPU workers' user as the role makes it with redis_worker_job_writes: api
+# (named `<worker user>-api` here, so that one test server holds both forms).
+ROLES = ("api", "worker", "store", "worker_api")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class AclUser:
     channels: tuple[str, ...]
     # Redis 7 selectors, each the words inside one `(...)` (redis_acl_worker_selectors).
     selectors: tuple[str, ...] = ()
+    read_keys: tuple[str, ...] = ()  # `%R~pattern`: read only
 
     def rules(self, password: str) -> list[str]:
         """The words after `user` in redis.conf (roles/redis/templates/redis.conf.j2)."""
@@ -38,6 +41,7 @@ class AclUser:
             "-@all",
             *(f"+{c.lower()}" for c in self.commands),
             *(f"~{k}" for k in self.keys),
+            *(f"%R~{k}" for k in self.read_keys),
             *(f"&{c}" for c in self.channels),
             *(f"({s})" for s in self.selectors),
         ]
@@ -54,18 +58,28 @@ def role_users() -> dict[str, AclUser]:
     d = yaml.safe_load(DEFAULTS.read_text())
     users = {}
     for role in ROLES:
-        selectors = tuple(d.get(f"redis_acl_{role}_selectors", []))
+        base = "worker" if role == "worker_api" else role
+        selectors = list(d.get(f"redis_acl_{base}_selectors", []))
         celery_keys = [] if selectors else d["redis_acl_celery_keys"]
-        liveness = d["redis_acl_liveness_channels"] if role in LIVENESS_ROLES else []
+        keys = celery_keys + d[f"redis_acl_{base}_keys"]
+        read_keys: list[str] = []
+        if role == "worker":  # redis_worker_job_writes: redis
+            keys += d["redis_acl_worker_record_keys"]
+            selectors += d["redis_acl_worker_record_selectors"]
+        elif role == "worker_api":
+            read_keys = d["redis_acl_worker_read_keys"]
+        liveness = d["redis_acl_liveness_channels"] if base in LIVENESS_ROLES else []
         # The worker user publishes job ends through a selector only.
-        ends = d["redis_acl_job_end_channels"] if role != "worker" else []
+        ends = d["redis_acl_job_end_channels"] if base != "worker" else []
+        name = d[f"redis_acl_{base}_user"]
         users[role] = AclUser(
             role=role,
-            name=d[f"redis_acl_{role}_user"],
-            commands=tuple(d["redis_acl_common_commands"] + d[f"redis_acl_{role}_commands"]),
-            keys=tuple(celery_keys + d[f"redis_acl_{role}_keys"]),
+            name=f"{name}-api" if role == "worker_api" else name,
+            commands=tuple(d["redis_acl_common_commands"] + d[f"redis_acl_{base}_commands"]),
+            keys=tuple(keys),
             channels=tuple(d["redis_acl_channels"] + liveness + ends),
-            selectors=selectors,
+            selectors=tuple(selectors),
+            read_keys=tuple(read_keys),
         )
     return users
 
@@ -114,4 +128,5 @@ def restrict_keys(admin: Any, role: str, *rules: str) -> None:
 
 def restore_keys(admin: Any, role: str) -> None:
     """Give ``role`` back the key patterns the role grants it."""
-    restrict_keys(admin, role, *(f"~{k}" for k in role_users()[role].keys))
+    user = role_users()[role]
+    restrict_keys(admin, role, *(f"~{k}" for k in user.keys), *(f"%R~{k}" for k in user.read_keys))

@@ -52,7 +52,7 @@ from morag.config import GPU_QUEUE, Settings  # noqa: E402
 from morag.processors.registry import known_types  # noqa: E402
 from morag.routing import GPU_WORKER, decide_route  # noqa: E402
 from morag.submission import build_services  # noqa: E402
-from morag.supervisor import WATCHDOG_LOCK  # noqa: E402
+from morag.watchdog import WATCHDOG_LOCK  # noqa: E402
 
 from tests.conftest import redis_tls, running_redis, wait_until  # noqa: E402
 

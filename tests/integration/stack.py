@@ -127,10 +127,13 @@ class Stack:
 
     def start_worker(self, name: str, *queues: str, wait: bool = True, **settings: Any) -> None:
         env = dict(self.env)
-        if self.users:
-            env["MORAG_REDIS_URL"] = self.users["store" if "morag-store" in queues else "worker"]
         for key, value in settings.items():
             env[f"MORAG_{key.upper()}"] = str(value)
+        if self.users:
+            # A worker writing its records through the API gets the role's user for that
+            # (redis_worker_job_writes: api): records and leases read only.
+            worker = "worker_api" if env.get("MORAG_JOB_WRITES") == "api" else "worker"
+            env["MORAG_REDIS_URL"] = self.users["store" if "morag-store" in queues else worker]
         args = ["worker", "--name", name, "--loglevel", "INFO"]
         for q in queues:
             args += ["--queue", q]

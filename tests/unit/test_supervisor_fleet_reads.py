@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from morag import fleet, supervisor
+from morag import fleet, supervisor, watchdog
 from morag.config import CPU_QUEUE, GPU_QUEUE, Settings
 
 from tests.conftest import RedisServer
@@ -56,7 +56,7 @@ def test_a_gpu_worker_without_the_watchdog_lock_reads_no_fleet(
     db_url: str, reads: list[int]
 ) -> None:
     admin = redis.Redis.from_url(db_url)
-    admin.set(supervisor.WATCHDOG_LOCK, "someone-else", px=60_000)
+    admin.set(watchdog.WATCHDOG_LOCK, "someone-else", px=60_000)
     gpu = make(db_url, "gpu0@host", GPU_QUEUE)
     gpu.tick()
     gpu.tick()
@@ -66,12 +66,12 @@ def test_a_gpu_worker_without_the_watchdog_lock_reads_no_fleet(
 
 def test_the_watchdog_and_rescuing_cpu_workers_read_it(db_url: str, reads: list[int]) -> None:
     admin = redis.Redis.from_url(db_url)
-    admin.set(supervisor.WATCHDOG_LOCK, "someone-else", px=60_000)
+    admin.set(watchdog.WATCHDOG_LOCK, "someone-else", px=60_000)
     cpu = make(db_url, "cpu0@host", CPU_QUEUE)
     cpu.tick()
     assert len(reads) == 1 and cpu.state is not None  # it may rescue gpu-tasks
-    admin.delete(supervisor.WATCHDOG_LOCK)
+    admin.delete(watchdog.WATCHDOG_LOCK)
     gpu = make(db_url, "gpu0@host", GPU_QUEUE)
     gpu.tick()  # takes the lock: the watchdog's work needs the fleet
     assert len(reads) == 2
-    assert admin.get(supervisor.WATCHDOG_LOCK) == b"gpu0@host"
+    assert admin.get(watchdog.WATCHDOG_LOCK) == b"gpu0@host"

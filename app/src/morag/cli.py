@@ -186,6 +186,32 @@ def worker(
     )
 
 
+@app.command("worker-token")
+def worker_token(host: str = typer.Argument(..., help="the worker host's name")) -> None:
+    """Print the worker token of one host, derived from MORAG_WORKER_TOKEN (the fleet's).
+
+    A host given only its own token (with MORAG_WORKER_HOST) fetches uploads and changes the
+    records of its own attempts through the API (MORAG_JOB_WRITES=api), and nothing else."""
+    with reported(False):
+        typer.echo(_host_token(host))
+
+
+def _host_token(host: str) -> str:
+    from morag import job_writes
+
+    if not job_writes.HOST_NAME.match(host):
+        raise CliError("invalid host name", host, code="invalid_input", exit_code=2)
+    fleet = _settings().worker_token
+    if fleet is None or not fleet.get_secret_value():
+        raise CliError(
+            "no worker token",
+            "set MORAG_WORKER_TOKEN (the fleet's)",
+            code="no_worker_token",
+            exit_code=2,
+        )
+    return job_writes.host_token(fleet.get_secret_value(), host)
+
+
 @app.command("gpu-stack")
 def gpu_stack(
     as_json: bool = typer.Option(False, "--json", help="print the row as JSON"),

@@ -108,6 +108,15 @@ class Settings(BaseSettings):
     # Bearer token Prometheus sends to GET /metrics; unset: /metrics answers 404.
     metrics_token: SecretStr | None = None
     api_url: str = "http://127.0.0.1:8000"
+    # Where a GPU/CPU worker writes its own jobs' records: `redis` (its Redis credential) or
+    # `api` (the narrow path, morag.job_writes: each change goes to the API, which applies it
+    # only to an attempt of this worker's host). With `api` and worker_host set, worker_token
+    # is that host's own token (`morag worker-token HOST` derives it from the fleet's).
+    job_writes: Literal["redis", "api"] = "redis"
+    # The API process takes a turn at the watchdog (morag.watchdog): on where the workers
+    # write through the API and no store worker runs (the roles turn it on with job_writes).
+    api_watchdog: bool = False
+    worker_host: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
     # TLS of the API. The API serves HTTPS with both files set (plain HTTP with neither: fine
     # on loopback only). Its clients (the CLI, workers downloading uploads) verify the
     # certificate against api_ca_file, or the system's trust store when it is unset.
@@ -271,6 +280,11 @@ class Settings(BaseSettings):
                 f"MORAG_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed "
                 f"MORAG_JOB_TIME_LIMIT ({self.job_time_limit}s), or running jobs are "
                 "delivered twice"
+            )
+        if self.job_writes == "api" and not self.worker_token:
+            raise ValueError(
+                "MORAG_JOB_WRITES=api needs MORAG_WORKER_TOKEN (the fleet's, or this host's "
+                "own with MORAG_WORKER_HOST): the API takes job changes from workers only"
             )
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError("MORAG_CHUNK_OVERLAP must be smaller than MORAG_CHUNK_SIZE")

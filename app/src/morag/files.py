@@ -106,6 +106,8 @@ def fetch_for_worker(settings: Settings, source: Source, dest_dir: Path) -> tupl
     dest = dest_dir / file_id
     url = f"{settings.api_url.rstrip('/')}/api/v1/files/{file_id}"
     headers = {"X-Worker-Token": settings.worker_token.get_secret_value()}
+    if settings.worker_host:  # this host's own token (morag.job_writes.host_token)
+        headers["X-Worker-Host"] = settings.worker_host
     try:
         verify = settings.api_tls_verify()
     except OSError as exc:  # a missing or unreadable MORAG_API_CA_FILE

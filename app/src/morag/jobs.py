@@ -537,6 +537,10 @@ class JobStore:
         self.update(task_id, change)
         return earlier if done["ok"] else None
 
+    def expire(self, task_id: str, seconds: int) -> None:
+        """Let a record expire sooner (a split job's pieces, once its job has their result)."""
+        self.r.expire(job_key(task_id), seconds)
+
     def take_back_piece(self, piece_id: str, holder_seen: str | None, reason: str) -> bool:
         """End a piece that is queued, or running under ``holder_seen`` (a lost worker), so
         that its job's worker transcribes it: a late delivery or a late result of it is

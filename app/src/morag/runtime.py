@@ -71,8 +71,25 @@ def require_device(settings: Settings) -> DeviceInfo:
 
 
 def job_store(client: redis.Redis, settings: Settings) -> JobStore:
+    """The job store on this process's own Redis credential (the API, the store worker)."""
     return JobStore(
         client,
+        ttl=settings.job_ttl,
+        lease_ttl=settings.heartbeat_ttl,
+        outbox_grace=settings.outbox_grace,
+    )
+
+
+def worker_job_store(client: redis.Redis, settings: Settings) -> JobStore:
+    """A GPU/CPU worker's job store: its attempts' changes go through the API with
+    MORAG_JOB_WRITES=api (morag.api_job_store), else straight to Redis."""
+    if settings.job_writes != "api":
+        return job_store(client, settings)
+    from morag.api_job_store import ApiJobStore  # httpx: only in workers that use it
+
+    return ApiJobStore(
+        client,
+        settings,
         ttl=settings.job_ttl,
         lease_ttl=settings.heartbeat_ttl,
         outbox_grace=settings.outbox_grace,
@@ -85,6 +102,6 @@ def get_runtime() -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         settings = get_settings()
         client = redis_client(settings)
-        store = job_store(client, settings)
+        store = worker_job_store(client, settings)
         _runtime = Runtime(settings, client, store, decide_device(settings), os.getpid())
     return _runtime

@@ -343,7 +343,7 @@ class JobSplitter:
                 if rec.status not in TERMINAL:
                     store.cancel(rec.task_id, "its job ended")
             for pid in ids:
-                self.rt.redis.expire(jobs.job_key(pid), PIECE_RECORD_TTL)
+                store.expire(pid, PIECE_RECORD_TTL)
         except redis.RedisError as exc:  # they end and expire on their own
             log.warning("job %s: pieces not cleaned up (%s)", self.task_id, exc)
         for file_id in uploads:

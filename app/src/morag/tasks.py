@@ -17,7 +17,7 @@ from morag.config import CPU_QUEUE, get_settings
 from morag.execution import run_job
 from morag.job_record import JobStatus
 from morag.redis_client import redis_client
-from morag.runtime import get_runtime, job_store, require_device
+from morag.runtime import get_runtime, require_device, worker_job_store
 from morag.supervisor import current_hostname, drain_supervisor, start_supervisor
 from morag.webhooks import notify_end
 
@@ -71,7 +71,7 @@ def _on_task_failure(
     try:
         client = redis_client(settings, socket_timeout=5)
         try:
-            store = job_store(client, settings)
+            store = worker_job_store(client, settings)
             record = store.fail_timed_out(task_id, current_hostname(), settings.job_time_limit)
             if record is not None and record.status == JobStatus.failed:
                 notify_end(client, record, resend_after=settings.store_resend_after)

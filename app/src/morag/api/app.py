@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,12 +26,14 @@ from morag.api.routers import (
     process,
     search,
     status,
+    worker_writes,
     workers,
 )
 from morag.config import Settings, get_settings
 from morag.job_events import EndListener
 from morag.redis_client import redis_client
 from morag.submission import build_services
+from morag.watchdog import Watchdog, WatchdogThread
 from morag.webhooks import UNSIGNED_NOTE, secret_of
 
 log = logging.getLogger("morag.api")
@@ -59,7 +63,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.readiness = readiness = ReadinessProbe(services)
         if secret_of(settings) is None:
             log.warning(UNSIGNED_NOTE)
+        watching = None
+        if settings.api_watchdog:
+            # Workers that write through the API (MORAG_JOB_WRITES=api) do not watch.
+            name = f"api@{socket.gethostname()}/{os.getpid()}"
+            watching = WatchdogThread(
+                Watchdog(services.redis, services.store, settings, name),
+                settings.heartbeat_interval,
+            )
+            watching.start()
         yield
+        if watching is not None:
+            watching.stop()
         services.job_ends.stop()
         readiness.close()
         services.redis.close()
@@ -81,7 +96,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return errors.error_response(request, 503, detail, "unavailable")
 
     errors.install(app)  # every error body gets its `code` (OpenAI's shape under /v1/)
-    routers = (health, metrics, process, ingest, status, workers, files, search, docs)
+    routers = (
+        health,
+        metrics,
+        process,
+        ingest,
+        status,
+        workers,
+        files,
+        search,
+        docs,
+        worker_writes,
+    )
     for module in (*routers, openai_audio):
         app.include_router(module.router)
     # Before any router: credentials and body size are checked before a body byte is read.

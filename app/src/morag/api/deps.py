@@ -14,7 +14,7 @@ from fastapi import Depends, Header, HTTPException, Request, Security, UploadFil
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from morag import files, idempotency
+from morag import files, idempotency, job_writes
 from morag.api.errors import ApiError
 from morag.idempotency import Idempotency
 from morag.job_record import TERMINAL, JobRecord, Source
@@ -53,13 +53,25 @@ def check_api_key(given: str | None, keys: list[str]) -> None:
         raise AuthFailure(403, "invalid API key", "bad_api_key")
 
 
-def check_worker_token(given: str | None, token: str | None) -> None:
+def check_worker_token(given: str | None, token: str | None, host: str | None = None) -> str | None:
+    """Who the caller is: None for the fleet's worker token (MORAG_WORKER_TOKEN, any host),
+    else the worker host whose own token (``job_writes.host_token``, sent with its name in
+    X-Worker-Host) it holds. Raise AuthFailure for anything else."""
     if not given:
         raise AuthFailure(
             401, "missing worker token: send it in the X-Worker-Token header", "no_worker_token"
         )
-    if not token or not _matches(given, [token]):
+    if not token:
         raise AuthFailure(403, "invalid worker token", "bad_worker_token")
+    if _matches(given, [token]):
+        return None
+    if (
+        host
+        and job_writes.HOST_NAME.match(host)
+        and _matches(given, [job_writes.host_token(token, host)])
+    ):
+        return host
+    raise AuthFailure(403, "invalid worker token", "bad_worker_token")
 
 
 # The credentials as OpenAPI security schemes (components.securitySchemes, and a `security`
@@ -104,11 +116,16 @@ def require_api_key(request: Request, x_api_key: str | None = Security(API_KEY_S
 
 
 def require_worker_token(
-    request: Request, x_worker_token: str | None = Security(WORKER_TOKEN_SCHEME)
-) -> None:
+    request: Request,
+    x_worker_token: str | None = Security(WORKER_TOKEN_SCHEME),
+    x_worker_host: str | None = Header(None, include_in_schema=False),
+) -> str | None:
+    """The calling worker host (None: the fleet token, any host)."""
     token = services(request).settings.worker_token
     try:
-        check_worker_token(x_worker_token, token.get_secret_value() if token else None)
+        return check_worker_token(
+            x_worker_token, token.get_secret_value() if token else None, x_worker_host
+        )
     except AuthFailure as exc:
         raise HTTPException(exc.status, exc.detail) from exc
 

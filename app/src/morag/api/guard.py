@@ -34,7 +34,8 @@ from morag.api.routers.openai_audio import bearer_key
 log = logging.getLogger("morag.api.guard")
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})  # /metrics: its own bearer token
-WORKER_TOKEN_PREFIX = "/api/v1/files"  # noqa: S105 - a path, not a secret
+# Paths for workers (uploads, their job record changes): the worker token, not an API key.
+WORKER_TOKEN_PREFIXES = ("/api/v1/files", "/api/v1/worker")
 # Room for the multipart framing and the small form fields around an upload.
 MULTIPART_OVERHEAD = 1024 * 1024
 # JSON bodies (URLs, batches of up to 500 URLs, search queries) are small.
@@ -112,8 +113,12 @@ class RequestGuard:
         path: str = scope.get("path", "")
         if path in PUBLIC_PATHS:
             return
-        if path == WORKER_TOKEN_PREFIX or path.startswith(WORKER_TOKEN_PREFIX + "/"):
-            check_worker_token(_header(scope, b"x-worker-token"), self.worker_token())
+        if any(path == p or path.startswith(p + "/") for p in WORKER_TOKEN_PREFIXES):
+            check_worker_token(
+                _header(scope, b"x-worker-token"),
+                self.worker_token(),
+                _header(scope, b"x-worker-host"),
+            )
             return
         if path.startswith(OPENAI_PREFIX):  # OpenAI's SDKs send Authorization: Bearer <key>
             bearer_key(_header(scope, b"authorization"), self.api_keys())
