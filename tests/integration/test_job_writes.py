@@ -17,6 +17,7 @@ import pytest
 import redis
 from morag.job_writes import host_token
 
+from tests import redis_acl
 from tests.conftest import RedisServer, wait_until
 from tests.integration import media
 from tests.integration.conftest import running_stack
@@ -69,6 +70,18 @@ def _running(stack: Stack, document: Path, fault: str) -> dict[str, Any]:
     )
 
 
+def _denials(stack: Stack, user: str) -> list[dict[str, Any]]:
+    entries = stack.redis.execute_command("ACL", "LOG", "128")
+    parsed = [
+        dict(zip(e[::2], e[1::2], strict=True)) if isinstance(e, list) else e for e in entries
+    ]
+    return [e for e in parsed if _text(e.get("username", e.get(b"username"))) == user]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _record(stack: Stack, task_id: str) -> dict[str, Any]:
     (record,) = [j for j in stack.jobs_in_redis() if j["task_id"] == task_id]
     return record
@@ -98,6 +111,10 @@ def test_the_worker_credential_reads_jobs_and_writes_none(stack: Stack, document
         with pytest.raises(redis.exceptions.NoPermissionError):
             worker.execute_command(*command)
     assert stack.job(task_id)["status"] == "succeeded"
+    # Only this test's own attempts are in the log (the last test reads it for the workers').
+    name = redis_acl.role_users()["worker_api"].name
+    assert _denials(stack, name), "the refusals above are logged"
+    stack.redis.execute_command("ACL", "LOG", "RESET")
 
 
 def test_a_host_changes_only_its_own_attempts(stack: Stack, document: Path) -> None:
@@ -186,3 +203,11 @@ def test_the_apis_watchdog_requeues_the_job_of_a_killed_worker(
         assert done["route"]["code"] == "worker_lost", done["route"]
     finally:
         stack.start_worker(victim, "celery", **_host_settings(HOSTS[victim]))
+
+
+def test_no_change_of_the_workers_was_refused_by_redis(stack: Stack) -> None:
+    """Everything the workers did above (claims, progress, results, a split job's pieces,
+    webhooks and outboxes, a SIGKILL and its rescue) went through the API: Redis refused
+    the workers' user nothing."""
+    name = redis_acl.role_users()["worker_api"].name
+    assert _denials(stack, name) == []

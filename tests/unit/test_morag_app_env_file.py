@@ -57,7 +57,11 @@ def render(tmp_path: Path, **overrides) -> tuple[dict[str, str], dict[str, str]]
         [ANSIBLE, str(play), "-e", f"@{extra}"],
         capture_output=True,
         text=True,
-        env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")},
+        env={
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+            "ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins"),
+        },
         check=False,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
@@ -117,3 +121,36 @@ def test_the_api_secrets_leave_morag_env_where_the_api_has_its_user(
     if identities:
         assert "MORAG_API_KEYS" not in env and "MORAG_METRICS_TOKEN" not in env
     assert env["MORAG_WORKER_TOKEN"] == "worker-token"
+
+
+@pytest.mark.parametrize("identities", [[], ["api", "store"]])
+def test_with_writes_through_the_api_a_host_holds_only_its_own_token(
+    tmp_path: Path, identities: list[str]
+) -> None:
+    from morag.config import Settings
+    from morag.job_writes import host_token
+
+    env, api_env = render(
+        tmp_path,
+        morag_app_identities=identities,
+        morag_app_job_writes="api",
+        morag_app_worker_host="gpu-7.example",
+    )
+    assert env["MORAG_JOB_WRITES"] == "api"
+    assert env["MORAG_WORKER_HOST"] == "gpu-7.example"
+    # The role's filter derives the token the app's API recognises for that host.
+    assert env["MORAG_WORKER_TOKEN"] == host_token("worker-token", "gpu-7.example")
+    assert "worker-token" not in (tmp_path / "morag.env").read_text()
+    settings = Settings(**{k[len("MORAG_") :].lower(): v for k, v in env.items()})
+    assert settings.job_writes == "api" and settings.worker_host == "gpu-7.example"
+    if identities:  # the API host: the fleet's token and the watchdog, for the API alone
+        assert api_env["MORAG_WORKER_TOKEN"] == "worker-token"
+        assert api_env["MORAG_JOB_WRITES"] == "redis"
+        assert api_env["MORAG_API_WATCHDOG"] == "true"
+
+
+def test_by_default_workers_write_records_on_redis(tmp_path: Path) -> None:
+    env, api_env = render(tmp_path, morag_app_identities=["api"])
+    assert env["MORAG_WORKER_TOKEN"] == "worker-token"
+    assert "MORAG_JOB_WRITES" not in env and "MORAG_WORKER_HOST" not in env
+    assert "MORAG_API_WATCHDOG" not in api_env and "MORAG_WORKER_TOKEN" not in api_env

@@ -199,10 +199,10 @@ def test_notify_end_publishes_or_leaves_the_webhook_owed(
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(webhooks, "publish", refused)
-    assert webhooks.notify_end(users.clients["worker"], record) is False
+    assert webhooks.notify_end(users.stores["worker"], record) is False
     assert users.owed() == {task_id: first_due}, "still owed, due for the reconciler"
     monkeypatch.setattr(webhooks, "publish", published.append)
-    assert webhooks.notify_end(users.clients["worker"], record, resend_after=500) is True
+    assert webhooks.notify_end(users.stores["worker"], record, resend_after=500) is True
     assert published == [task_id]
     assert users.owed()[task_id] >= time.time() + 490
     # The reconciler resends a due entry and pushes it on again.
@@ -218,5 +218,5 @@ def test_notify_end_publishes_or_leaves_the_webhook_owed(
     assert "expired" not in users.owed()
     # Once delivered, a late fast path does not make it owed again.
     webhooks.settle(users.clients["store"], task_id, webhooks.DELIVERED)
-    assert webhooks.notify_end(users.clients["worker"], record) is True
+    assert webhooks.notify_end(users.stores["worker"], record) is True
     assert users.owed() == {}

@@ -148,6 +148,9 @@ class ApiJobStore(JobStore):
     def sent(self, task_id: str) -> None:
         self._send(task_id, "sent", {})
 
+    def webhook_published(self, task_id: str, resend_at: float) -> None:
+        self._send(task_id, "webhook_published", {"resend_at": resend_at})
+
     # -- a split job's pieces (morag.split_jobs) ------------------------------------------
     def adopt_pieces(self, task_id: str, owner: str, pieces: list[str]) -> list[str] | None:
         answer = self._send(task_id, "adopt", {"owner": owner, "pieces": pieces})

@@ -180,7 +180,7 @@ def record_kept(settings: Settings, client: redis.Redis, store: JobStore, kept: 
                 dispatch(store, task_id, STORE_QUEUE)
             except Exception:  # the hand-over's outbox entry has it sent later
                 log.warning("job %s: store message not sent now; sent later", task_id)
-        _after_end(settings, client, store.get(task_id))
+        _after_end(settings, store, store.get(task_id))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -289,7 +289,7 @@ def run_job(rt: Runtime, task_id: str, *, queue: str, worker: str) -> None:
             _cleanup(rt, final)
             # Test hook: the end (and the webhook it owes) is written, the publish is not.
             os.kill(os.getpid(), signal.SIGKILL)
-        _after_end(rt.settings, rt.redis, final)
+        _after_end(rt.settings, rt.store, final)
 
 
 def _claim(rt: Runtime, task_id: str, *, queue: str, worker: str, owner: str) -> Claim | None:
@@ -341,7 +341,7 @@ def _claim(rt: Runtime, task_id: str, *, queue: str, worker: str, owner: str) ->
     if not claim.run:
         log.info("job %s not run here: %s", task_id, claim.reason)
         if claim.record is not None:  # the delivery cap ended it
-            _after_end(rt.settings, rt.redis, claim.record)
+            _after_end(rt.settings, rt.store, claim.record)
         return None
     return claim
 
@@ -497,10 +497,10 @@ def _cleanup(rt: Runtime, record: JobRecord) -> None:
         files.remove_upload(rt.settings.uploads_dir, record.upload_id)
 
 
-def _after_end(settings: Settings, client: redis.Redis, record: JobRecord | None) -> None:
+def _after_end(settings: Settings, store: JobStore, record: JobRecord | None) -> None:
     """Once the end is written: drop the upload, publish the webhook it owes."""
     if record is None:
         return
     if record.status in TERMINAL and record.upload_id:
         files.remove_upload(settings.uploads_dir, record.upload_id)
-    notify_end(client, record, resend_after=settings.store_resend_after)
+    notify_end(store, record, resend_after=settings.store_resend_after)

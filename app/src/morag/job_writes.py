@@ -127,6 +127,13 @@ class SentOp(_Op):
     op: Literal["sent"] = "sent"
 
 
+class WebhookOp(_Op):
+    """The webhook of a job this host ended is published: its next resend time."""
+
+    op: Literal["webhook_published"] = "webhook_published"
+    resend_at: float
+
+
 class AdoptOp(_Op):
     """A split job's pieces (ids), written into the job its attempt ``owner`` runs."""
 
@@ -169,6 +176,7 @@ _MODELS: tuple[type[_Op], ...] = (
     TimedOutOp,
     LeaseOp,
     SentOp,
+    WebhookOp,
     AdoptOp,
     PiecesOp,
     CancelPieceOp,
@@ -178,7 +186,7 @@ _MODELS: tuple[type[_Op], ...] = (
 OPS: dict[str, type[_Op]] = {m.model_fields["op"].default: m for m in _MODELS}
 # Changes that name no attempt: checked against the record (a piece of a job this host
 # runs, a job this host last ran or declined), not against an owner in the request.
-_BY_RECORD = (SentOp, PiecesOp, CancelPieceOp, TakeBackOp, ExpirePieceOp)
+_BY_RECORD = (SentOp, WebhookOp, PiecesOp, CancelPieceOp, TakeBackOp, ExpirePieceOp)
 
 
 def _record(record: JobRecord | None) -> dict[str, Any] | None:
@@ -244,7 +252,7 @@ def piece_problem(record: JobRecord, parent_id: str) -> str | None:
 
 
 def _check_by_record(store: JobStore, caller: str, task_id: str, op: _Op) -> None:
-    if isinstance(op, SentOp):
+    if isinstance(op, (SentOp, WebhookOp)):
         _check_sent(store, caller, task_id)
     elif isinstance(op, PiecesOp):
         for record in op.records:
@@ -312,6 +320,9 @@ def apply(store: JobStore, caller: str | None, task_id: str, op: _Op) -> dict[st
 def _apply_by_record(store: JobStore, task_id: str, op: _Op) -> dict[str, Any]:
     if isinstance(op, SentOp):
         store.sent(task_id)
+        return {}
+    if isinstance(op, WebhookOp):
+        store.webhook_published(task_id, op.resend_at)
         return {}
     if isinstance(op, PiecesOp):
         store.create_all(op.records)

@@ -260,6 +260,11 @@ class JobStore:
     def outbox_size(self) -> int:
         return int(self.r.zcard(OUTBOX))
 
+    def webhook_published(self, task_id: str, resend_at: float) -> None:
+        """The delivery message of an ended job's webhook is published: its next resend is
+        at ``resend_at``, if it is still owed (a delivery that finished is not re-added)."""
+        self.r.zadd(WEBHOOK_OUTBOX, {task_id: resend_at}, xx=True)
+
     def webhooks_due(self, now: float | None = None, limit: int = 200) -> list[str]:
         """Ended jobs whose webhook is owed and whose delivery message is due (again)."""
         raw = self.r.zrangebyscore(WEBHOOK_OUTBOX, "-inf", now or time.time(), start=0, num=limit)

@@ -121,7 +121,7 @@ def store_job(self: Any, task_id: str) -> None:
     if final is not None:
         if final.upload_id:
             files.remove_upload(rt.settings.uploads_dir, final.upload_id)
-        notify_end(rt.redis, final, resend_after=rt.settings.store_resend_after)
+        notify_end(rt.store, final, resend_after=rt.settings.store_resend_after)
 
 
 @celery_app.task(name="morag.vector_op", acks_late=False)

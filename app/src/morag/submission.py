@@ -454,5 +454,5 @@ def cancel(
                 files.remove_upload(services.settings.uploads_dir, piece.upload_id)
     if record.upload_id:
         files.remove_upload(services.settings.uploads_dir, record.upload_id)
-    notify_end(services.redis, record, resend_after=services.settings.store_resend_after)
+    notify_end(services.store, record, resend_after=services.settings.store_resend_after)
     return record

@@ -74,7 +74,7 @@ def _on_task_failure(
             store = worker_job_store(client, settings)
             record = store.fail_timed_out(task_id, current_hostname(), settings.job_time_limit)
             if record is not None and record.status == JobStatus.failed:
-                notify_end(client, record, resend_after=settings.store_resend_after)
+                notify_end(store, record, resend_after=settings.store_resend_after)
         finally:
             client.close()
     except redis.RedisError:

@@ -137,7 +137,7 @@ def publish(task_id: str) -> None:
 
 
 def notify_end(
-    client: redis.Redis, record: JobRecord | None, *, resend_after: float = RESEND_AFTER
+    store: JobStore, record: JobRecord | None, *, resend_after: float = RESEND_AFTER
 ) -> bool:
     """The fast path, called by whoever ended the job once the end is written: publish the
     delivery message now. The webhook is already owed (its outbox entry was written with
@@ -157,7 +157,7 @@ def notify_end(
         return False
     try:
         # Only an entry still owed (xx): a delivery that finished already is not re-added.
-        client.zadd(WEBHOOK_OUTBOX, {record.task_id: time.time() + resend_after}, xx=True)
+        store.webhook_published(record.task_id, time.time() + resend_after)
     except redis.RedisError:  # published; at worst the reconciler publishes it again
         log.warning("webhook of job %s published; its resend time stays", record.task_id)
     return True
