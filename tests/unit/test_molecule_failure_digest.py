@@ -82,3 +82,31 @@ def test_make_test_shows_no_reason_left_from_an_earlier_run() -> None:
     assert out.returncode != 0
     assert "an earlier run" not in out.stdout
     assert not digest.exists()
+
+
+ASSERT_PLAY = """
+- name: A role's preflight that refuses the host
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Assert that the distribution is supported
+      ansible.builtin.assert:
+        that: [false]
+        fail_msg: "this host runs Fedora 40: use Debian 12"
+"""
+
+
+def test_a_failed_assert_shows_its_message(tmp_path: Path, monkeypatch) -> None:
+    """Ansible 2.19 writes an assert's fail_msg on its `[ERROR]: Task failed:` line (the
+    `fatal:` line holds only `FAILED! =>`): that line is kept."""
+    run = runner()
+    monkeypatch.setattr(run, "DIGEST", tmp_path / "failures.txt")
+    play = tmp_path / "play.yml"
+    play.write_text(ASSERT_PLAY)
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "ansible-playbook"), "-i", "localhost,", "-e"]
+    cmd += [f"ansible_python_interpreter={sys.executable}", str(play)]
+    monkeypatch.setenv("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
+    assert not run.run(cmd, tmp_path / "scenario.log")
+    assert "this host runs Fedora 40: use Debian 12" in run.DIGEST.read_text()
