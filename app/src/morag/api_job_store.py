@@ -1,7 +1,8 @@
 """A worker's JobStore when ``MORAG_JOB_WRITES=api``: its own attempts' changes go to the API.
 
 Reads stay on Redis. Each change of an attempt (claim, decline, progress, device, finish,
-hand-over to the store, fallback requeue, time limit, lease) is one POST to
+hand-over to the store, fallback requeue, time limit, lease; a split job's pieces; the outbox
+entry of a message it sent, the resend time of a webhook it published) is one POST to
 ``/api/v1/worker/jobs/{task_id}/{op}`` (morag.job_writes), sent as this worker's host. An
 API that cannot be reached or answers 5xx raises redis.ConnectionError, so a worker waits it
 out exactly as it waits out a Redis outage (morag.execution.through_outage); a refusal (4xx)
@@ -38,7 +39,7 @@ class ApiJobStore(JobStore):
     def _client(self) -> httpx.Client:
         if self._http is None or self._pid != os.getpid():  # never share one across a fork
             self._http = httpx.Client(
-                headers=self._headers, verify=self._verify, timeout=httpx.Timeout(15.0)
+                headers=self._headers, verify=self._verify, timeout=httpx.Timeout(15.0, connect=5.0)
             )
             self._pid = os.getpid()
         return self._http
