@@ -77,3 +77,22 @@ def test_an_edited_copy_with_a_new_vault_passes(tmp_path: Path) -> None:
     assert again.returncode != 0 and "exists" in again.stderr
     out = preflight(inventory / "hosts.yml", tmp_path)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_workers_and_redis_must_agree_on_where_records_are_written(tmp_path: Path) -> None:
+    inventory = copy_example(tmp_path)
+    rename_hosts(inventory)
+    made = subprocess.run(
+        [str(ROOT / "tools" / "new-vault.sh"), str(inventory)],
+        cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    main = inventory / "group_vars" / "all" / "main.yml"
+    text = main.read_text()
+    assert "redis_worker_job_writes: api\n" in text
+    main.write_text(
+        text.replace("redis_worker_job_writes: api\n", "redis_worker_job_writes: redis\n")
+    )
+    out = preflight(inventory / "hosts.yml", tmp_path)
+    assert out.returncode != 0
+    assert "redis_worker_job_writes (redis) differ" in out.stdout + out.stderr, out.stdout[-2000:]
