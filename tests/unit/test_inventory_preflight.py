@@ -32,6 +32,14 @@ def copy_example(tmp_path: Path) -> Path:
     return inventory
 
 
+def new_vault(inventory: Path, home: Path) -> None:
+    made = subprocess.run(
+        [str(ROOT / "tools" / "new-vault.sh"), str(inventory)],
+        cwd=ROOT, env=env(home), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+
+
 def rename_hosts(inventory: Path) -> None:
     hosts = inventory / "hosts.yml"
     hosts.write_text(hosts.read_text().replace(".example.com", ".site.internal"))
@@ -61,11 +69,7 @@ def test_a_copy_without_a_vault_is_refused(tmp_path: Path) -> None:
 def test_an_edited_copy_with_a_new_vault_passes(tmp_path: Path) -> None:
     inventory = copy_example(tmp_path)
     rename_hosts(inventory)
-    made = subprocess.run(
-        [str(ROOT / "tools" / "new-vault.sh"), str(inventory)],
-        cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    new_vault(inventory, tmp_path)
     vault = inventory / "group_vars" / "all" / "vault.yml"
     assert vault.read_text().startswith("$ANSIBLE_VAULT;1.1;AES256")
     assert (tmp_path / ".morag-vault-pass").stat().st_mode & 0o077 == 0
@@ -82,11 +86,7 @@ def test_an_edited_copy_with_a_new_vault_passes(tmp_path: Path) -> None:
 def test_workers_and_redis_must_agree_on_where_records_are_written(tmp_path: Path) -> None:
     inventory = copy_example(tmp_path)
     rename_hosts(inventory)
-    made = subprocess.run(
-        [str(ROOT / "tools" / "new-vault.sh"), str(inventory)],
-        cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    new_vault(inventory, tmp_path)
     main = inventory / "group_vars" / "all" / "main.yml"
     text = main.read_text()
     assert "redis_worker_job_writes: api\n" in text

@@ -4,11 +4,11 @@ ansible.cfg sets."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+
+from tests.unit.test_molecule_scenarios import runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,14 +23,6 @@ PLAY = """
         argv: [sh, -c, "echo 'all checks passed'; echo 'PROBLEM: job 7: failed'; exit 1"]
       changed_when: false
 """
-
-
-def runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("molecule_run", ROOT / "molecule" / "run.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_failed_scenario_names_its_reason_after_the_table(tmp_path: Path, monkeypatch) -> None:

@@ -13,6 +13,7 @@ This module is pure: the operations, their arguments and answers, and the checks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
@@ -224,12 +225,8 @@ def _check_sent(store: JobStore, caller: str, task_id: str) -> None:
     if record is None:
         return  # nothing left to send it for: removing the entry changes nothing
     if record.parent_id is not None:
-        with_parent = True
-        try:
+        with contextlib.suppress(WriteRefused):  # else: the piece's own attempt, below
             _runs_pieces_of(store, caller, record.parent_id, [task_id])
-        except WriteRefused:
-            with_parent = False
-        if with_parent:
             return
     last = record.attempts[-1].worker if record.attempts else ""
     if host_of(last) == caller or any(host_of(w) == caller for w in record.declined_by):

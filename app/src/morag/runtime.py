@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -70,14 +71,17 @@ def require_device(settings: Settings) -> DeviceInfo:
         raise SystemExit(EX_CONFIG) from exc
 
 
+def _store_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "ttl": settings.job_ttl,
+        "lease_ttl": settings.heartbeat_ttl,
+        "outbox_grace": settings.outbox_grace,
+    }
+
+
 def job_store(client: redis.Redis, settings: Settings) -> JobStore:
     """The job store on this process's own Redis credential (the API, the store worker)."""
-    return JobStore(
-        client,
-        ttl=settings.job_ttl,
-        lease_ttl=settings.heartbeat_ttl,
-        outbox_grace=settings.outbox_grace,
-    )
+    return JobStore(client, **_store_options(settings))
 
 
 def worker_job_store(client: redis.Redis, settings: Settings) -> JobStore:
@@ -87,13 +91,7 @@ def worker_job_store(client: redis.Redis, settings: Settings) -> JobStore:
         return job_store(client, settings)
     from morag.api_job_store import ApiJobStore  # httpx: only in workers that use it
 
-    return ApiJobStore(
-        client,
-        settings,
-        ttl=settings.job_ttl,
-        lease_ttl=settings.heartbeat_ttl,
-        outbox_grace=settings.outbox_grace,
-    )
+    return ApiJobStore(client, settings, **_store_options(settings))
 
 
 def get_runtime() -> Runtime:
