@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import redis
+from morag.job_writes import host_token
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import redis_acl
@@ -96,6 +97,11 @@ class Stack:
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
         }
+        # As the roles ship (morag_app_job_writes: api): GPU/CPU workers write their jobs
+        # through the API, whose watchdog requeues lost jobs. A test of the other mode passes
+        # job_writes="redis" (then no API watchdog, as the role's api.env).
+        if settings.get("job_writes", "api") == "api":
+            settings = {"job_writes": "api", "api_watchdog": "true", **settings}
         for key, value in settings.items():
             self.env[f"MORAG_{key.upper()}"] = str(value)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -127,13 +133,21 @@ class Stack:
 
     def start_worker(self, name: str, *queues: str, wait: bool = True, **settings: Any) -> None:
         env = dict(self.env)
+        store = "morag-store" in queues
+        if store:  # the store worker writes on its own credential (the role's redis-store.env)
+            env["MORAG_JOB_WRITES"] = "redis"
+        elif env.get("MORAG_JOB_WRITES") == "api":
+            # As the role's morag.env: this host's name and only its own token.
+            host = name.partition("@")[2] or "localhost"
+            env["MORAG_WORKER_HOST"] = host
+            env["MORAG_WORKER_TOKEN"] = host_token(env["MORAG_WORKER_TOKEN"], host)
         for key, value in settings.items():
             env[f"MORAG_{key.upper()}"] = str(value)
         if self.users:
             # A worker writing its records through the API gets the role's user for that
             # (redis_worker_job_writes: api): records and leases read only.
             worker = "worker_api" if env.get("MORAG_JOB_WRITES") == "api" else "worker"
-            env["MORAG_REDIS_URL"] = self.users["store" if "morag-store" in queues else worker]
+            env["MORAG_REDIS_URL"] = self.users["store" if store else worker]
         args = ["worker", "--name", name, "--loglevel", "INFO"]
         for q in queues:
             args += ["--queue", q]

@@ -44,6 +44,8 @@ BASE = {
     "morag_app_redis_username": "morag-worker",
     "morag_app_redis_password": "worker-password",
     "morag_app_redis_tls": True,
+    # The default (nodename) needs facts, which this play does not gather.
+    "morag_app_worker_host": "gpu-7.example",
 }
 
 
@@ -120,7 +122,6 @@ def test_the_api_secrets_leave_morag_env_where_the_api_has_its_user(
     assert where["MORAG_METRICS_TOKEN"] == "metrics-token"
     if identities:
         assert "MORAG_API_KEYS" not in env and "MORAG_METRICS_TOKEN" not in env
-    assert env["MORAG_WORKER_TOKEN"] == "worker-token"
 
 
 @pytest.mark.parametrize("identities", [[], ["api", "store"]])
@@ -130,12 +131,8 @@ def test_with_writes_through_the_api_a_host_holds_only_its_own_token(
     from morag.config import Settings
     from morag.job_writes import host_token
 
-    env, api_env = render(
-        tmp_path,
-        morag_app_identities=identities,
-        morag_app_job_writes="api",
-        morag_app_worker_host="gpu-7.example",
-    )
+    # The role's default (morag_app_job_writes: api).
+    env, api_env = render(tmp_path, morag_app_identities=identities)
     assert env["MORAG_JOB_WRITES"] == "api"
     assert env["MORAG_WORKER_HOST"] == "gpu-7.example"
     # The role's filter derives the token the app's API recognises for that host.
@@ -149,8 +146,8 @@ def test_with_writes_through_the_api_a_host_holds_only_its_own_token(
         assert api_env["MORAG_API_WATCHDOG"] == "true"
 
 
-def test_by_default_workers_write_records_on_redis(tmp_path: Path) -> None:
-    env, api_env = render(tmp_path, morag_app_identities=["api"])
+def test_with_writes_on_redis_workers_hold_the_fleet_token(tmp_path: Path) -> None:
+    env, api_env = render(tmp_path, morag_app_identities=["api"], morag_app_job_writes="redis")
     assert env["MORAG_WORKER_TOKEN"] == "worker-token"
     assert "MORAG_JOB_WRITES" not in env and "MORAG_WORKER_HOST" not in env
     assert "MORAG_API_WATCHDOG" not in api_env and "MORAG_WORKER_TOKEN" not in api_env

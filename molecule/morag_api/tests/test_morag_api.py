@@ -30,7 +30,7 @@ def test_service_enabled_and_running(host):
 
 def test_runs_as_service_user(host):
     pid = host.check_output("systemctl show -p MainPID --value morag-api")
-    assert host.check_output(f"ps -o user= -p {pid}").strip() == "morag"
+    assert host.check_output(f"ps -o user= -p {pid}").strip() == "morag-api"
 
 
 def test_unit_hardened(host):
@@ -101,3 +101,17 @@ def test_secrets_not_in_process_list(host):
     args = host.check_output("ps -eo args")
     assert "molecule-api-key" not in args
     assert "molecule-redis-password" not in args
+
+
+def test_only_the_apis_env_file_holds_the_fleet_worker_token(host):
+    """morag_app_job_writes: api (the default): the fleet's worker token and the watchdog go
+    to the API's own file; morag.env (the workers') holds this host's derived token only."""
+    api_env = host.file("/etc/morag/api.env")
+    assert (api_env.user, api_env.group, api_env.mode) == ("root", "morag-api", 0o640)
+    with host.sudo():
+        api = api_env.content_string
+        workers = host.file("/etc/morag/morag.env").content_string
+    assert 'MORAG_WORKER_TOKEN="molecule-worker-token"' in api
+    assert "MORAG_API_WATCHDOG=true" in api
+    assert "molecule-worker-token" not in workers
+    assert "MORAG_JOB_WRITES=api" in workers

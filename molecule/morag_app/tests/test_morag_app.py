@@ -1,5 +1,7 @@
 """morag_app: service account, virtualenv from the wheelhouse, env file, CLI wrapper."""
 
+from morag.job_writes import host_token
+
 
 def test_service_account_fixed_ids(host):
     user = host.user("morag")
@@ -37,8 +39,12 @@ def test_env_file_contents(host):
         env = host.file("/etc/morag/morag.env").content_string
     # The password is percent-encoded in the URL ("/" and ":" included).
     assert "MORAG_REDIS_URL=" in env and "molecule%2Fredis%3Apass%40word@10.0.0.5:6379/0" in env
-    assert "molecule-worker-token" in env
-    assert "molecule-api-key" in env
+    # The narrow write path (the default): this host's own token, never the fleet's.
+    node = host.check_output("uname -n").strip()
+    assert f'MORAG_WORKER_HOST="{node}"' in env
+    assert f'MORAG_WORKER_TOKEN="{host_token("molecule-worker-token", node)}"' in env
+    assert "molecule-worker-token" not in env
+    assert "MORAG_JOB_WRITES=api" in env
 
 
 def test_cli_wrapper(host):

@@ -126,12 +126,13 @@ def test_workers_can_do_what_kombu_does(host, role):
         ),
         ("HDEL unacked tag", "1"),
         ("ZREM unacked_index tag", "1"),
-        ("SET morag:job:j1 '{}'", "OK"),
-        ("SET morag:lease:j1 owner", "OK"),
-        ("DEL morag:lease:j1", "1"),
     ]
-    if role == "store":  # workers may neither (test_workers_cannot_destroy_or_command)
+    if role == "store":  # workers may none (test_workers_cannot_destroy_or_command and
+        # test_workers_read_job_records_and_write_none)
         steps += [
+            ("SET morag:job:j1 '{}'", "OK"),
+            ("SET morag:lease:j1 owner", "OK"),
+            ("DEL morag:lease:j1", "1"),
             ("PUBLISH /0.celery.pidbox hello", "0"),
             ("DEL morag:job:j1 _kombu.binding.celery", "2"),
         ]
@@ -160,6 +161,29 @@ def test_workers_cannot_destroy_or_command(host, command):
     the store's queue, no PUBLISH on the remote-control channel."""
     verdict = cli(host, f"ACL DRYRUN {USERS['worker'][0]} {command}")
     assert "no permissions" in verdict.stdout, command + verdict.stdout + verdict.stderr
+
+
+def test_workers_read_job_records_and_write_none(host):
+    """redis_worker_job_writes: api (the default): the worker user reads records and leases
+    (%R~) and its jobs' changes go through the API; it may not write, expire or delete them,
+    nor the outboxes and the watchdog's keys."""
+    assert cli(host, "SET morag:job:j2 '{}'", "store").stdout.strip() == "OK"
+    assert cli(host, "GET morag:job:j2", "worker").stdout.strip() == "{}"
+    assert cli(host, "GET morag:lease:j2", "worker").stdout.strip() == ""
+    for command in [
+        "SET morag:job:j2 x",
+        "EXPIRE morag:job:j2 1",
+        "DEL morag:job:j2",
+        "SET morag:lease:j2 owner",
+        "DEL morag:lease:j2",
+        "ZADD morag:jobs:active 1 j2",
+        "ZADD morag:outbox 1 j2",
+        "ZADD morag:outbox:webhooks 1 j2",
+        "SET morag:watchdog me",
+    ]:
+        out = cli(host, command, "worker")
+        assert "NOPERM" in out.stdout + out.stderr, (command, out.stdout, out.stderr)
+    cli(host, "DEL morag:job:j2", "store")
 
 
 @pytest.mark.parametrize(
