@@ -68,3 +68,15 @@ def test_the_workers_act_as_the_host_their_token_is_for(narrow):
     assert answers[host][0] == 200, answers  # its own worker: accepted (no such job: no change)
     assert answers["another-host"][0] == 403, answers
     assert "is not a worker of host" in answers["another-host"][1], answers
+
+
+def test_the_api_hosts_cli_derives_the_token_the_role_wrote(narrow):
+    """`sudo morag worker-token HOST` on a host that runs the API (the fleet's token is only
+    in its api.env) prints the token the role wrote into that host's morag.env."""
+    facts, env = narrow
+    with facts.host.sudo():
+        if not facts.host.file("/etc/morag/api.env").exists:
+            pytest.skip("this host runs no API")
+        out = facts.host.run(f"/usr/local/sbin/morag worker-token {env['MORAG_WORKER_HOST']}")
+    assert out.rc == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == env["MORAG_WORKER_TOKEN"]

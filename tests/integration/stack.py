@@ -136,7 +136,7 @@ class Stack:
         store = "morag-store" in queues
         if store:  # the store worker writes on its own credential (the role's redis-store.env)
             env["MORAG_JOB_WRITES"] = "redis"
-        elif env.get("MORAG_JOB_WRITES") == "api":
+        elif settings.get("job_writes", env.get("MORAG_JOB_WRITES")) == "api":
             # As the role's morag.env: this host's name and only its own token.
             host = name.partition("@")[2] or "localhost"
             env["MORAG_WORKER_HOST"] = host

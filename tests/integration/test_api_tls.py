@@ -1,7 +1,8 @@
 """The API over HTTPS (issue 18 item 5): a real uvicorn with a certificate from a CA made
 here. A client that does not trust the CA is refused, one that does is served; a worker
-without the shared directory downloads the upload over HTTPS with the worker token, and
-fails the job saying why when it trusts another CA; the CLI verifies the certificate."""
+without the shared directory downloads the upload over HTTPS with the worker token; one that
+trusts another CA does not start (or, writing its records on Redis, fails the job saying why);
+the CLI verifies the certificate."""
 
 from __future__ import annotations
 
@@ -51,14 +52,38 @@ def test_worker_downloads_the_upload_over_https(
 def test_worker_that_trusts_another_ca_fails_the_job_saying_why(
     tls_stack: Stack, speech_wav: Path, tmp_path: Path
 ) -> None:
+    """A worker writing its records on Redis (job_writes=redis) meets the API first at the
+    download of the upload."""
     other_ca, _, _ = ca_and_server_cert(tmp_path / "other-pki")
     tls_stack.start_worker(
-        "gpu0@test", "gpu-tasks", shared_dir=tmp_path / "not-shared", api_ca_file=other_ca
+        "gpu0@test",
+        "gpu-tasks",
+        shared_dir=tmp_path / "not-shared",
+        api_ca_file=other_ca,
+        job_writes="redis",
     )
     job = tls_stack.wait_job(tls_stack.ingest(speech_wav, gpu=True)["task_id"])
     assert job["status"] == "failed"
     assert "download of the upload failed" in job["error"]
     assert "CERTIFICATE_VERIFY_FAILED" in job["error"]
+
+
+def test_worker_that_trusts_another_ca_does_not_start(
+    tls_stack: Stack, speech_wav: Path, tmp_path: Path
+) -> None:
+    """Writing its records through the API (the default), such a worker could record no job
+    it took: it exits 78 (the unit's RestartPreventExitStatus) saying why before it takes
+    one, and a gpu=true job runs on the CPU worker instead."""
+    other_ca, _, _ = ca_and_server_cert(tmp_path / "other-pki")
+    tls_stack.start_worker("cpu0@test", "celery")
+    tls_stack.start_worker("gpu0@test", "gpu-tasks", wait=False, api_ca_file=other_ca)
+    assert tls_stack.procs["gpu0@test"].wait(60) == 78
+    log = (tls_stack.logs / "gpu0_test.log").read_text()
+    assert "TLS certificate" in log and "is not trusted by" in log, log
+    assert "CERTIFICATE_VERIFY_FAILED" in log and str(other_ca) in log
+    job = tls_stack.wait_job(tls_stack.ingest(speech_wav, gpu=True)["task_id"])
+    assert job["status"] == "succeeded", job
+    assert [a["worker"] for a in job["attempts"]] == ["cpu0@test"]
 
 
 def _cli(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

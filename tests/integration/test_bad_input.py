@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from morag.job_writes import host_token
 
 from tests.integration.stack import WORKER_TOKEN, Stack
 
@@ -166,7 +167,8 @@ def test_worker_without_the_share_downloads_over_http(make_stack, speech_wav: Pa
 def test_worker_with_a_wrong_token_fails_the_job_with_the_reason(
     make_stack, speech_wav: Path, tmp_path
 ) -> None:
-    stack = make_stack()
+    # Workers writing their records on Redis meet the API first at the download.
+    stack = make_stack(job_writes="redis")
     stack.start_api()
     stack.start_worker(
         "gpu0@test",
@@ -177,6 +179,27 @@ def test_worker_with_a_wrong_token_fails_the_job_with_the_reason(
     job = stack.wait_job(stack.ingest(speech_wav, gpu=True)["task_id"])
     assert job["status"] == "failed"
     assert "download of the upload failed: HTTP 403" in job["error"]
+
+
+@pytest.mark.parametrize("token", ["wrong", host_token(WORKER_TOKEN, "otherhost")])
+def test_worker_whose_token_the_api_refuses_does_not_start(
+    make_stack, speech_wav: Path, token: str
+) -> None:
+    """Writing through the API (the default): a wrong token, or another host's, would let the
+    worker take jobs it can neither record nor fail. It exits 78 (the unit's
+    RestartPreventExitStatus) saying what to set, and a gpu=true job runs on the CPU."""
+    stack = make_stack()
+    stack.start_api()
+    stack.start_worker("cpu0@test", "celery")
+    stack.start_worker("gpu0@test", "gpu-tasks", wait=False, worker_token=token)
+    assert stack.procs["gpu0@test"].wait(60) == 78
+    log = (stack.logs / "gpu0_test.log").read_text()
+    assert "refuses this worker's token as host test (403: invalid worker token)" in log, log
+    assert "morag worker-token test" in log
+    assert stack.heartbeat("gpu0@test") is None
+    job = stack.wait_job(stack.ingest(speech_wav, gpu=True)["task_id"])
+    assert job["status"] == "succeeded", job
+    assert [a["worker"] for a in job["attempts"]] == ["cpu0@test"]
 
 
 def test_unknown_queue_is_refused_by_the_cli(stack: Stack) -> None:

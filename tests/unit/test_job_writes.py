@@ -3,6 +3,10 @@ send which change, which records pass for a split job's new pieces, what a reque
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from morag import job_writes
 from morag.api.deps import AuthFailure, check_worker_token
@@ -97,3 +101,30 @@ def test_requests_are_checked_before_anything_runs() -> None:
         job_writes.parse("device", {"owner": "w@h/1", "device": "tpu"})
     op = job_writes.parse("progress", {"owner": "w@h/1", "progress": 0.5, "op": "finish"})
     assert isinstance(op, job_writes.ProgressOp)  # the path names the operation
+
+
+def _worker_token_cli(**env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_")}
+    return subprocess.run(
+        [sys.executable, "-m", "morag.cli", "worker-token", "hosta"],
+        env={**clean, "COLUMNS": "200", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_cli_derives_a_host_token_from_the_fleets_only() -> None:
+    """`morag worker-token HOST` from the fleet's token (an API host's env); from a worker
+    host's env (its own token) it refuses instead of printing a token the API rejects."""
+    out = _worker_token_cli(MORAG_WORKER_TOKEN=FLEET)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == job_writes.host_token(FLEET, "hosta")
+    own = job_writes.host_token(FLEET, "hostb")
+    out = _worker_token_cli(
+        MORAG_WORKER_TOKEN=own, MORAG_JOB_WRITES="api", MORAG_WORKER_HOST="hostb"
+    )
+    assert out.returncode == 2
+    assert "not the fleet's worker token" in out.stderr and "host hostb's own" in out.stderr
+    assert own not in out.stdout + out.stderr

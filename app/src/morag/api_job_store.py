@@ -12,7 +12,9 @@ raises redis.ResponseError, which is not waited out.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,13 +26,74 @@ from morag.job_record import JobRecord, Result, Route
 from morag.jobs import Claim, Decline, JobStore, as_result
 
 
+def worker_headers(settings: Settings) -> dict[str, str]:
+    """How this worker names itself to the API: its token, and its host with a host token."""
+    token = settings.worker_token.get_secret_value() if settings.worker_token else ""
+    headers = {"X-Worker-Token": token}
+    if settings.worker_host:
+        headers["X-Worker-Host"] = settings.worker_host
+    return headers
+
+
+@dataclass(frozen=True)
+class IdentityCheck:
+    """What the API said of this worker's credentials before it takes a job: ``refused``
+    (a reason no retry fixes: the worker must not start), or ``unreachable`` (an outage,
+    waited out like the others), or neither (the API knows this host)."""
+
+    refused: str | None = None
+    unreachable: str | None = None
+
+
+def check_identity(settings: Settings, timeout: float = 10.0) -> IdentityCheck:
+    """Ask the API who this worker is (``GET /api/v1/worker/identity``) with the token, host
+    and CA every job change will use, so that a wrong token or an untrusted certificate stops
+    the worker at its start, not at each job it takes and then cannot record."""
+    url = settings.api_url.rstrip("/") + "/api/v1/worker/identity"
+    host = settings.worker_host or "(no MORAG_WORKER_HOST: the fleet's token)"
+    try:
+        resp = httpx.get(
+            url, headers=worker_headers(settings), verify=settings.api_tls_verify(), timeout=timeout
+        )
+    except httpx.HTTPError as exc:
+        if _untrusted_certificate(exc):
+            trust = settings.api_ca_file or "the system's trust store"
+            return IdentityCheck(
+                refused=f"the API's TLS certificate at {url} is not trusted by {trust}: {exc}; "
+                "set MORAG_API_CA_FILE to the CA that signed it (roles/morag_app: "
+                "morag_app_api_tls_ca_src)"
+            )
+        return IdentityCheck(unreachable=f"the API at {url} is unreachable: {exc}")
+    if resp.status_code in (401, 403):
+        return IdentityCheck(
+            refused=f"the API at {url} refuses this worker's token as host {host} "
+            f"({resp.status_code}: {_detail(resp)}); MORAG_WORKER_TOKEN must be the output of "
+            f"`morag worker-token {settings.worker_host or 'HOST'}` on the API host (roles/"
+            "morag_app derives it from morag_app_worker_token and morag_app_worker_host)"
+        )
+    if resp.status_code == 404:
+        return IdentityCheck(
+            refused=f"{url} answered 404: MORAG_API_URL does not name a MoRAG API that takes "
+            "job changes from workers (an older API?); MORAG_JOB_WRITES=api needs one"
+        )
+    if resp.status_code >= 400:
+        return IdentityCheck(unreachable=f"the API answered {resp.status_code}: {_detail(resp)}")
+    return IdentityCheck()
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 class ApiJobStore(JobStore):
     def __init__(self, client: redis.Redis, settings: Settings, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        token = settings.worker_token.get_secret_value() if settings.worker_token else ""
-        self._headers = {"X-Worker-Token": token}
-        if settings.worker_host:
-            self._headers["X-Worker-Host"] = settings.worker_host
+        self._headers = worker_headers(settings)
         self._base = settings.api_url.rstrip("/") + "/api/v1/worker/jobs"
         self._verify = settings.api_tls_verify()
         self._http: httpx.Client | None = None

@@ -161,10 +161,12 @@ def worker(
         raise typer.Exit(2)
     with reported(False):
         settings = _settings()
-    from morag.worker import celery_app, require_device
+    from morag.worker import celery_app, require_api_identity, require_device
 
-    # Before Celery starts (and connects): MORAG_DEVICE=cuda without usable CUDA exits 78.
+    # Before Celery starts (and connects): MORAG_DEVICE=cuda without usable CUDA exits 78, as
+    # does a worker whose token or CA the API refuses (MORAG_JOB_WRITES=api).
     require_device(settings)
+    require_api_identity(settings)
     kind = "gpu" if GPU_QUEUE in queue else "store" if queue == [STORE_QUEUE] else "cpu"
     node = name or f"{kind}@%h"
     celery_app.worker_main(
@@ -201,7 +203,19 @@ def _host_token(host: str) -> str:
 
     if not job_writes.HOST_NAME.match(host):
         raise CliError("invalid host name", host, code="invalid_input", exit_code=2)
-    fleet = _settings().worker_token
+    settings = _settings()
+    if settings.job_writes == "api" and settings.worker_host:
+        # A worker host's env: its token is that host's own, and what derives from it is
+        # no token the API takes.
+        raise CliError(
+            "not the fleet's worker token",
+            f"MORAG_WORKER_TOKEN here is host {settings.worker_host}'s own "
+            "(MORAG_JOB_WRITES=api); run this on an API host, where `sudo morag worker-token "
+            "HOST` reads the API's env file",
+            code="no_worker_token",
+            exit_code=2,
+        )
+    fleet = settings.worker_token
     if fleet is None or not fleet.get_secret_value():
         raise CliError(
             "no worker token",

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
@@ -65,10 +65,30 @@ def require_device(settings: Settings) -> DeviceInfo:
     try:
         return decide_device(settings)
     except DeviceUnavailable as exc:
-        if log.hasHandlers():
-            log.critical("%s", exc)
-        print(f"morag worker: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(EX_CONFIG) from exc
+        _refuse_start(str(exc))
+
+
+def require_api_identity(settings: Settings) -> None:
+    """With MORAG_JOB_WRITES=api, before Celery starts: exit with EX_CONFIG (78) and the
+    reason when the API refuses this worker's token or its certificate is not trusted (every
+    job it took could then be neither recorded nor failed, and would wait for another worker);
+    an API that does not answer now is an outage, waited out per job as a Redis one is."""
+    if settings.job_writes != "api":
+        return
+    from morag.api_job_store import check_identity  # httpx: only in workers that use it
+
+    check = check_identity(settings)
+    if check.refused:
+        _refuse_start(check.refused)
+    if check.unreachable:
+        print(f"morag worker: {check.unreachable}; starting anyway", file=sys.stderr, flush=True)
+
+
+def _refuse_start(reason: str) -> NoReturn:
+    if log.hasHandlers():
+        log.critical("%s", reason)
+    print(f"morag worker: {reason}", file=sys.stderr, flush=True)
+    raise SystemExit(EX_CONFIG)
 
 
 def _store_options(settings: Settings) -> dict[str, Any]:

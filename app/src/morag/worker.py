@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from morag import server_tasks, tasks
 from morag.celery_app import celery_app
-from morag.runtime import require_device
+from morag.runtime import require_api_identity, require_device
 
-__all__ = ["celery_app", "require_device", "server_tasks", "tasks"]
+__all__ = ["celery_app", "require_api_identity", "require_device", "server_tasks", "tasks"]

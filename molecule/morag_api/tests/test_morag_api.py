@@ -115,3 +115,14 @@ def test_only_the_apis_env_file_holds_the_fleet_worker_token(host):
     assert "MORAG_API_WATCHDOG=true" in api
     assert "molecule-worker-token" not in workers
     assert "MORAG_JOB_WRITES=api" in workers
+
+
+def test_the_cli_derives_host_tokens_from_the_apis_env_file(host):
+    """`sudo morag worker-token HOST` on the API host: the fleet's token is only in api.env,
+    so the wrapper runs that command as the API's user with it."""
+    from morag.job_writes import host_token
+
+    with host.sudo():
+        out = host.run("/usr/local/sbin/morag worker-token gpu-03.example.com")
+    assert out.rc == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == host_token("molecule-worker-token", "gpu-03.example.com")

@@ -1,4 +1,5 @@
-"""``/api/v1/worker/jobs/{task_id}/{op}``: a worker's change of its own attempt's record.
+"""``/api/v1/worker/jobs/{task_id}/{op}``: a worker's change of its own attempt's record, and
+``/api/v1/worker/identity``: whom the API takes a worker's credentials for.
 
 The narrow write path of ``MORAG_JOB_WRITES=api`` (morag.job_writes): the caller is a
 worker host (its own token) or the fleet token; the change is applied with the API's
@@ -20,6 +21,13 @@ from morag.api.errors import ApiError
 from morag.submission import Services
 
 router = APIRouter(prefix="/api/v1/worker", tags=["worker"], include_in_schema=False)
+
+
+@router.get("/identity")
+async def identity(caller: str | None = Depends(require_worker_token)) -> dict[str, Any]:
+    """Who the API takes this worker for: its host, or null for the fleet's token. A worker
+    asks before it starts consuming (morag.runtime.require_api_identity)."""
+    return {"host": caller}
 
 
 @router.post("/jobs/{task_id}/{op}")
