@@ -51,6 +51,9 @@ class Stack:
 
     TTL = 1.5
     GRACE = 2.0
+    # After a Redis outage: time for a worker restarted meanwhile to come back (tests that
+    # restart one give it more).
+    OUTAGE_GRACE = 5.0
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Stack:
             "MORAG_DEVICE": "cpu",
             "MORAG_HEARTBEAT_TTL": str(self.TTL),
             "MORAG_RESCUE_GRACE": str(self.GRACE),
+            "MORAG_OUTAGE_GRACE": str(self.OUTAGE_GRACE),
             "MORAG_FLEET_CACHE_SECONDS": "0.2",
             "MORAG_PROCESS_WAIT": "30",
             "MORAG_FAULT_INJECTION": "true",

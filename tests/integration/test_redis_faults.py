@@ -58,7 +58,12 @@ def test_a_result_is_kept_through_an_outage_longer_than_the_retry_window(
 
 
 def test_a_kept_result_survives_a_restart_of_its_worker(tmp_path: Path, speech_wav: Path) -> None:
-    with stack_on_own_redis(tmp_path, redis_retry_seconds=1) as (stack, server):
+    """The watchdog (the API's) requeues no job as lost for outage_grace once Redis is back:
+    time enough for the restarted worker to record the result it kept."""
+    with stack_on_own_redis(tmp_path, redis_retry_seconds=1, outage_grace=120) as (
+        stack,
+        server,
+    ):
         stack.start_api()
         stack.start_worker(WORKER, "celery")
         task_id = stack.ingest(speech_wav, gpu=False, options={"fault": "slow:3"})["task_id"]
@@ -141,8 +146,9 @@ def test_a_claim_refused_for_another_reason_hands_the_message_back(
     tmp_path: Path, speech_wav: Path
 ) -> None:
     """NOPERM (an ACL that lost the job keys) is no outage: the message goes back to its
-    queue at a slow pace, and the job runs once the permission is back."""
-    with stack_on_own_redis(tmp_path) as (stack, server):
+    queue at a slow pace, and the job runs once the permission is back. A worker writing its
+    records on Redis (job_writes=redis): through the API the claim is the API's write."""
+    with stack_on_own_redis(tmp_path, job_writes="redis") as (stack, server):
         stack.start_api()
         stack.start_worker(WORKER, "celery")
         worker = redis_acl.role_users()["worker"]

@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     liveness_channel: bool = True
     liveness_interval: float = Field(default=0.25, gt=0)
     rescue_grace: float = Field(default=60.0, ge=0)
+    # After Redis was away (a restart, an outage seen by the watchdog) every job lease has
+    # lapsed: the watchdog requeues no running job as lost for this long once it is back, so
+    # a worker restarted meanwhile (systemd's RestartSec, its start) records the result it
+    # kept on disk instead of the job running again.
+    outage_grace: float = Field(default=60.0, ge=0)
     gpu_backlog_limit: int = Field(default=100, ge=1)
     fleet_cache_seconds: float = Field(default=1.0, ge=0)
 

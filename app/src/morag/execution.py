@@ -25,7 +25,7 @@ from morag.job_record import TERMINAL, JobRecord, Result, Route
 from morag.jobs import Claim, JobStore
 from morag.processors.base import ProcessContext, ProcessingError, is_gpu_failure
 from morag.processors.registry import get_processor
-from morag.redis_client import WRITE_REFUSALS
+from morag.redis_client import passing_outage, redis_reason
 from morag.routing import gpu_failure_route, rescued_route
 from morag.runtime import Runtime
 from morag.webhooks import notify_end
@@ -36,26 +36,6 @@ PROGRESS_EVERY = 0.5  # seconds between progress writes
 DECLINE_PAUSE = 2.0  # seconds a worker waits before sending back a job it declined before
 
 T = TypeVar("T")
-
-
-def redis_reason(exc: redis.RedisError) -> str:
-    """What Redis answered, without redis-py's pipeline prefix (it quotes the command,
-    which may be a job record)."""
-    text = str(exc).rpartition("caused error: ")[2]
-    code = exc.status_code
-    return f"{code} {text}" if code and not text.startswith(code) else text
-
-
-def passing_outage(exc: BaseException) -> str | None:
-    """Why Redis did not take the command, when it is to be waited out (unreachable, or
-    refusing writes for now); None for anything else (a missing permission, a bug)."""
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"Redis unavailable ({exc})"
-    if isinstance(exc, redis.ResponseError):
-        reason = redis_reason(exc)
-        if reason.split(" ", 1)[0] in WRITE_REFUSALS:
-            return f"Redis refuses writes ({reason})"
-    return None
 
 
 def through_outage(

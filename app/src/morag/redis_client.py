@@ -71,6 +71,27 @@ WRITE_REFUSALS = frozenset(
     {"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN"}
 )
 
+
+def redis_reason(exc: redis.RedisError) -> str:
+    """What Redis answered, without redis-py's pipeline prefix (it quotes the command,
+    which may be a job record)."""
+    text = str(exc).rpartition("caused error: ")[2]
+    code = exc.status_code
+    return f"{code} {text}" if code and not text.startswith(code) else text
+
+
+def passing_outage(exc: BaseException) -> str | None:
+    """Why Redis did not take the command, when it is to be waited out (unreachable, or
+    refusing writes for now); None for anything else (a missing permission, a bug)."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"Redis unavailable ({exc})"
+    if isinstance(exc, redis.ResponseError):
+        reason = redis_reason(exc)
+        if reason.split(" ", 1)[0] in WRITE_REFUSALS:
+            return f"Redis refuses writes ({reason})"
+    return None
+
+
 _SSL_CERT_REQS = {
     "none": ssl.CERT_NONE,
     "optional": ssl.CERT_OPTIONAL,

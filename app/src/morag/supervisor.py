@@ -84,6 +84,7 @@ class Supervisor:
                         self.check_liveness()
             except redis.RedisError as exc:
                 log.warning("supervisor: Redis unavailable: %s", exc)
+                self.watchdog.saw_error(exc)
             except Exception:
                 log.exception("supervisor tick failed")
             pause = max(0.0, next_tick - time.monotonic())

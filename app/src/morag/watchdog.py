@@ -22,6 +22,7 @@ from morag.celery_app import dispatch
 from morag.config import STORE_QUEUE, Settings
 from morag.job_record import JobRecord
 from morag.jobs import QUEUED, RUNNING, STORE_WAIT, TERMINAL, JobStore, waited_queued
+from morag.redis_client import passing_outage
 from morag.routing import WORKER_LOST, decide_route
 
 log = logging.getLogger("morag.watchdog")
@@ -43,11 +44,38 @@ class Watchdog:
         self.store = store
         self.settings = settings
         self.name = name  # who holds the lock (a worker's name, or the API's)
+        # Redis was away (unreachable, or refusing writes) at this process's last tick.
+        self.away = False
+        # Until then (epoch seconds) no running job is requeued as lost (outage_grace).
+        self.hold_until = 0.0
 
     def tick(self, state: fleet.FleetState | None = None) -> bool:
         """Watch once if this process holds (or takes) the lock; True when it did."""
+        try:
+            return self._tick(state)
+        except redis.RedisError as exc:
+            self.saw_error(exc)
+            raise
+
+    def saw_error(self, exc: redis.RedisError) -> None:
+        """A Redis error of this process (its watchdog's, or its supervisor's before it)."""
+        if passing_outage(exc) is not None:
+            self.away = True
+
+    def _tick(self, state: fleet.FleetState | None) -> bool:
         lock_ms = max(100, int(self.settings.heartbeat_interval * 900))
-        if not self.redis.set(WATCHDOG_LOCK, self.name, nx=True, px=lock_ms):
+        took = self.redis.set(WATCHDOG_LOCK, self.name, nx=True, px=lock_ms)
+        if self.away:
+            # Back after an outage, which lapsed every lease: the workers that ran jobs
+            # through it (or were restarted meanwhile, with a result kept on disk:
+            # morag.execution.keep) get outage_grace to take their leases back.
+            self.away = False
+            self.hold_until = time.time() + self.settings.outage_grace
+            log.warning(
+                "watchdog: Redis is back; no job is requeued as lost for %.0fs",
+                self.settings.outage_grace,
+            )
+        if not took:
             return False
         if state is None:
             state = fleet.read_fleet(self.redis)
@@ -105,7 +133,7 @@ class Watchdog:
                 continue  # its worker is alive and runs it: it takes its lease back
             first = seen.get(task_id, now)
             suspects[task_id] = first
-            if now - first < self.settings.heartbeat_ttl:
+            if now - first < self.settings.heartbeat_ttl or now < self.hold_until:
                 continue
             decided = decide_route(
                 gpu_requested=record.route.gpu_requested,
