@@ -45,7 +45,8 @@ def test_unit_hardened(host):
 
 def test_tls_files_and_limits(host):
     key = host.file("/etc/morag/api-tls/api.key")
-    assert (key.user, key.group, key.mode) == ("root", "morag", 0o640)
+    # Its own user (morag_app_identities: [api]) reads it; the workers' group does not.
+    assert (key.user, key.group, key.mode) == ("root", "morag-api", 0o640)
     unit = host.check_output("systemctl cat morag-api")
     assert "MORAG_API_TLS_CERT_FILE=/etc/morag/api-tls/api.crt" in unit
     assert "LimitNOFILE=65536" in unit
