@@ -20,19 +20,10 @@ from typing import Any
 import httpx
 import redis
 
-from morag import job_writes
+from morag import files, job_writes
 from morag.config import Settings
 from morag.job_record import JobRecord, Result, Route
 from morag.jobs import Claim, Decline, JobStore, as_result
-
-
-def worker_headers(settings: Settings) -> dict[str, str]:
-    """How this worker names itself to the API: its token, and its host with a host token."""
-    token = settings.worker_token.get_secret_value() if settings.worker_token else ""
-    headers = {"X-Worker-Token": token}
-    if settings.worker_host:
-        headers["X-Worker-Host"] = settings.worker_host
-    return headers
 
 
 @dataclass(frozen=True)
@@ -53,10 +44,13 @@ def check_identity(settings: Settings, timeout: float = 10.0) -> IdentityCheck:
     host = settings.worker_host or "(no MORAG_WORKER_HOST: the fleet's token)"
     try:
         resp = httpx.get(
-            url, headers=worker_headers(settings), verify=settings.api_tls_verify(), timeout=timeout
+            url,
+            headers=settings.worker_headers(),
+            verify=settings.api_tls_verify(),
+            timeout=timeout,
         )
     except httpx.HTTPError as exc:
-        if _untrusted_certificate(exc):
+        if files.tls_refused(exc, ssl.SSLCertVerificationError):
             trust = settings.api_ca_file or "the system's trust store"
             return IdentityCheck(
                 refused=f"the API's TLS certificate at {url} is not trusted by {trust}: {exc}; "
@@ -81,19 +75,10 @@ def check_identity(settings: Settings, timeout: float = 10.0) -> IdentityCheck:
     return IdentityCheck()
 
 
-def _untrusted_certificate(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
-
-
 class ApiJobStore(JobStore):
     def __init__(self, client: redis.Redis, settings: Settings, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        self._headers = worker_headers(settings)
+        self._headers = settings.worker_headers()
         self._base = settings.api_url.rstrip("/") + "/api/v1/worker/jobs"
         self._verify = settings.api_tls_verify()
         self._http: httpx.Client | None = None

@@ -321,6 +321,15 @@ class Settings(BaseSettings):
     def uploads_dir(self) -> Path:
         return self.shared_dir / "uploads"
 
+    def worker_headers(self) -> dict[str, str]:
+        """How a worker names itself to the API: its token, and with a host token its host
+        (morag.job_writes.host_token)."""
+        token = self.worker_token.get_secret_value() if self.worker_token else ""
+        headers = {"X-Worker-Token": token}
+        if self.worker_host:
+            headers["X-Worker-Host"] = self.worker_host
+        return headers
+
     def api_tls_verify(self) -> ssl.SSLContext | bool:
         """What an httpx client of the API verifies its certificate with (httpx's verify=)."""
         if self.api_ca_file is None:

@@ -105,9 +105,7 @@ def fetch_for_worker(settings: Settings, source: Source, dest_dir: Path) -> tupl
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / file_id
     url = f"{settings.api_url.rstrip('/')}/api/v1/files/{file_id}"
-    headers = {"X-Worker-Token": settings.worker_token.get_secret_value()}
-    if settings.worker_host:  # this host's own token (morag.job_writes.host_token)
-        headers["X-Worker-Host"] = settings.worker_host
+    headers = settings.worker_headers()
     try:
         verify = settings.api_tls_verify()
     except OSError as exc:  # a missing or unreadable MORAG_API_CA_FILE
@@ -138,11 +136,12 @@ class _Transient(Exception):
 TRANSIENT_STATUS = frozenset({502, 503, 504})
 
 
-def _tls_refused(exc: BaseException) -> bool:
-    """Did TLS itself fail (an untrusted certificate, a wrong name), somewhere in the chain?"""
+def tls_refused(exc: BaseException, kind: type[ssl.SSLError] = ssl.SSLError) -> bool:
+    """Did TLS itself fail (any ``kind``: an untrusted certificate, a wrong name), somewhere
+    in the chain?"""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, kind):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -163,7 +162,7 @@ def _download(url: str, headers: dict[str, str], verify: Any, dest: Path) -> Any
                     digest.update(chunk)
                     out.write(chunk)
     except httpx.TransportError as exc:
-        if _tls_refused(exc):  # a certificate that does not verify will not start to
+        if tls_refused(exc):  # a certificate that does not verify will not start to
             raise FileUnavailable(f"download of the upload failed: {exc}") from exc
         raise _Transient(str(exc) or type(exc).__name__) from exc
     except httpx.HTTPError as exc:
